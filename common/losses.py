@@ -1,0 +1,101 @@
+"""NT-Xent (normalised temperature-scaled cross entropy), the SimCLR loss.
+
+Three layers, top to bottom:
+- `nt_xent_loss(z1, z2, temperature)`: what a training script calls. z1, z2 are the [n, d]
+  projections of the two views on this rank (unnormalised). Returns the mean over all 2n local
+  anchors; with a process group up, the negatives come from every rank's embeddings.
+- `nt_xent_rows(rows, cols, pos_idx, self_idx, temperature)`: the explicit layout. rows [R, d]
+  are this rank's anchors, cols [C, d] every candidate (the all-gathered embeddings), and for
+  anchor i, cols[pos_idx[i]] is its positive and cols[self_idx[i]] is itself (excluded from the
+  softmax). Returns the per-row loss [R] in fp32. It dispatches to the fused C++/CUDA op
+  (csrc/, never builds the R x C matrix) or to the pure-PyTorch reference below, chosen by the
+  environment variable SSL_NT_XENT = auto (default: the op when built) | ext | ref.
+- `nt_xent_reference(...)`: the same contract in plain PyTorch, materialising R x C logits.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from common import dist as D
+
+IMPLS = ("auto", "ext", "ref")
+
+
+def nt_xent_reference(
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    pos_idx: torch.Tensor,
+    self_idx: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """Per-row NT-Xent [R] (fp32, or fp64 for fp64 inputs), materialising the [R, C] logits."""
+    acc = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    r = F.normalize(rows.to(acc), dim=1)  # [R, d], unit rows: dot product = cosine similarity
+    c = F.normalize(cols.to(acc), dim=1)  # [C, d]
+    logits = r @ c.t() / temperature  # [R, C]
+    # The anchor itself is not a candidate: -inf (not a large negative constant) so that it
+    # contributes exactly zero to the softmax whatever the temperature.
+    self_mask = torch.zeros_like(logits, dtype=torch.bool)
+    self_mask[torch.arange(len(rows), device=rows.device), self_idx] = True
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    return F.cross_entropy(logits, pos_idx, reduction="none")  # [R] = lse_i - logit[i, pos_i]
+
+
+def _impl() -> str:
+    impl = os.environ.get("SSL_NT_XENT", "auto").lower()
+    if impl not in IMPLS:
+        raise ValueError(f"SSL_NT_XENT must be one of {IMPLS}, got {impl!r}")
+    return impl
+
+
+def nt_xent_rows(
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    pos_idx: torch.Tensor,
+    self_idx: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """Per-row NT-Xent [R] with an explicit layout; the fused op when available (see module doc)."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    impl = _impl()
+    if impl != "ref":
+        from common import nt_xent_op  # the Python side of the C++/CUDA extension
+
+        if nt_xent_op.available(rows.device):
+            return nt_xent_op.nt_xent_fused(rows, cols, pos_idx, self_idx, temperature)
+        if impl == "ext":
+            raise RuntimeError(
+                "SSL_NT_XENT=ext but the fused NT-Xent op is not built for "
+                f"{rows.device.type}: {nt_xent_op.load_error()}. "
+                "Build it with `python setup.py build_ext --inplace`."
+            )
+    return nt_xent_reference(rows, cols, pos_idx, self_idx, temperature)
+
+
+def simclr_layout(n: int, rank: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positive and self column of each local anchor when local rows are [z1; z2] (2n rows) and
+    the columns are every rank's [z1; z2] concatenated in rank order (world_size * 2n columns)."""
+    i = torch.arange(2 * n, device=device)
+    self_idx = rank * 2 * n + i
+    pos_idx = rank * 2 * n + (i + n) % (2 * n)  # view 1 of image k <-> view 2 of image k
+    return pos_idx, self_idx
+
+
+def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's loss for the [n, d] projections of two views; mean over the 2n local anchors.
+
+    With a process group, each rank scores its own anchors against all ranks' embeddings; the
+    all-gather's backward sums every rank's gradient into the slice's owner, so after DDP
+    averages parameter gradients they equal those of the single-process loss over all anchors.
+    """
+    if z1.shape != z2.shape or z1.dim() != 2:
+        raise ValueError(f"z1 and z2 must both be [n, d], got {tuple(z1.shape)}, {tuple(z2.shape)}")
+    rows = torch.cat([z1, z2], 0)  # [2n, d]
+    cols = D.all_gather_with_grad(rows)  # [world * 2n, d]
+    pos_idx, self_idx = simclr_layout(z1.shape[0], D.get_rank(), z1.device)
+    return nt_xent_rows(rows, cols, pos_idx, self_idx, temperature).mean()
