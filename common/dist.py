@@ -148,3 +148,68 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 def barrier() -> None:
     if is_dist():
         dist.barrier()
+
+
+class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics span all ranks, on any device (gloo included).
+
+    SimCLR uses global BN so that a network cannot cheat the contrastive task with per-device
+    statistics. torch's SyncBatchNorm only runs on GPUs; this one all-reduces [sum, sum of
+    squares, count] with the differentiable all_reduce, so its gradients are exact too, and a
+    two-process CPU run computes the same thing as one process with the whole batch.
+    """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-D input, got {x.dim()}-D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and is_dist()):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        xf = x.float()
+        count = torch.tensor([xf.numel() / xf.shape[1]], device=x.device)
+        stats = all_reduce(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count]))
+        c = x.shape[1]
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = (stats[c : 2 * c] / n - mean * mean).clamp_min(0)  # biased, as BN normalises
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = (
+                    self.momentum
+                    if self.momentum is not None
+                    else 1 / float(self.num_batches_tracked)
+                )
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), m)
+                unbiased = var * n / (n - 1).clamp_min(1)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), m)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def convert_global_bn(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Make every BatchNorm global across ranks: SyncBatchNorm on GPU, GlobalBatchNorm on CPU."""
+    if get_world_size() == 1:
+        return model
+    if device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+    def convert(m: torch.nn.Module) -> torch.nn.Module:
+        out = m
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            out = GlobalBatchNorm(
+                m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats
+            )
+            out.load_state_dict(m.state_dict())
+        for name, child in m.named_children():
+            out.add_module(name, convert(child))
+        return out
+
+    return convert(model)

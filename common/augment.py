@@ -1,0 +1,228 @@
+"""SimCLR's augmentations, applied per sample to a whole batch on the training device.
+
+Why not torchvision's transforms: they draw one set of random parameters per call, so a batch
+needs a Python loop over images, usually in CPU DataLoader workers, and a few CPU workers cannot
+feed a GPU at CIFAR's ~10k+ images/s. Here every image gets its own parameters, drawn from the
+same distributions as torchvision's `RandomResizedCrop`, `RandomHorizontalFlip`,
+`RandomApply(ColorJitter)`, `RandomGrayscale` and `GaussianBlur` (tests/test_augment.py checks
+the distributions and the per-image maths against torchvision), and the ops run batched.
+
+Pipeline (SimCLR, Chen et al. 2020, appendix A and B.9), all on [B, 3, H, W] floats in [0, 1]:
+  random resized crop (scale 0.08-1, ratio 3/4-4/3) -> horizontal flip (p 0.5) ->
+  colour jitter (0.8s, 0.8s, 0.8s, 0.2s; p 0.8; s = 1 for ImageNet, 0.5 for CIFAR) in a random
+  order per image -> grayscale (p 0.2) -> Gaussian blur (p 0.5 on ImageNet, off for CIFAR) ->
+  normalise with the dataset's mean and std.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import roi_align
+
+
+@dataclass
+class AugConfig:
+    size: int  # output side in pixels
+    scale: tuple[float, float] = (0.08, 1.0)  # crop area as a fraction of the image
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop aspect ratio w/h
+    flip_p: float = 0.5
+    jitter_strength: float = 0.5  # s: ColorJitter(0.8s, 0.8s, 0.8s, 0.2s)
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    blur_p: float = 0.0  # SimCLR: 0.5 on ImageNet, off on CIFAR
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+
+    @property
+    def jitter(self) -> tuple[float, float, float, float]:
+        s = self.jitter_strength
+        return (0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)
+
+
+def sample_crop_boxes(
+    n: int, height: int, width: int, scale, ratio, gen: torch.Generator
+) -> torch.Tensor:
+    """Integer crop boxes [n, 4] = (top, left, h, w), as torchvision's RandomResizedCrop.get_params.
+
+    torchvision tries up to 10 (area, log-ratio) draws and takes the first that fits, else falls
+    back to a central crop; we draw all 10 tries for every sample at once and pick the first fit.
+    """
+    area = height * width
+    target = area * torch.empty(n, 10).uniform_(scale[0], scale[1], generator=gen)
+    log_r = torch.empty(n, 10).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=gen)
+    aspect = torch.exp(log_r)
+    w = torch.round(torch.sqrt(target * aspect))  # [n, 10]; round half to even, as Python's
+    h = torch.round(torch.sqrt(target / aspect))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.float().argmax(1)  # index of the first try that fits (0 if none does)
+    w = w.gather(1, first[:, None])[:, 0]
+    h = h.gather(1, first[:, None])[:, 0]
+    u = torch.rand(n, 2, generator=gen)
+    top = torch.floor(u[:, 0] * (height - h + 1))  # uniform integer in [0, H - h]
+    left = torch.floor(u[:, 1] * (width - w + 1))
+    # Central-crop fallback for samples where no try fitted (rare at scale >= 0.08).
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fw, fh = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        fw, fh = int(round(height * max(ratio))), height
+    else:
+        fw, fh = width, height
+    none = ~fits.any(1)
+    h = torch.where(none, torch.full_like(h, fh), h)
+    w = torch.where(none, torch.full_like(w, fw), w)
+    top = torch.where(none, torch.full_like(top, (height - fh) // 2), top)
+    left = torch.where(none, torch.full_like(left, (width - fw) // 2), left)
+    return torch.stack([top, left, h, w], 1).long()
+
+
+def sample_params(cfg: AugConfig, n: int, height: int, width: int, gen: torch.Generator) -> dict:
+    """Every random choice for n images, on the CPU (a few numbers per image)."""
+    b, c, s, hue = cfg.jitter
+
+    def factor(x):  # ColorJitter's factor range [max(0, 1 - x), 1 + x]
+        return torch.empty(n).uniform_(max(0.0, 1 - x), 1 + x, generator=gen)
+
+    return {
+        "boxes": sample_crop_boxes(n, height, width, cfg.scale, cfg.ratio, gen),
+        "flip": torch.rand(n, generator=gen) < cfg.flip_p,
+        "jitter": torch.rand(n, generator=gen) < cfg.jitter_p,
+        "brightness": factor(b),
+        "contrast": factor(c),
+        "saturation": factor(s),
+        "hue": torch.empty(n).uniform_(-hue, hue, generator=gen),
+        # ColorJitter applies its 4 ops in a random order: one permutation per image.
+        "order": torch.argsort(torch.rand(n, 4, generator=gen), 1),
+        "gray": torch.rand(n, generator=gen) < cfg.gray_p,
+        "blur": torch.rand(n, generator=gen) < cfg.blur_p,
+        "sigma": torch.empty(n).uniform_(*cfg.blur_sigma, generator=gen),
+    }
+
+
+def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """[B, C, H, W] float -> [B, C, size, size], crop b = boxes[b] (top, left, h, w), bilinear.
+
+    torchvision's roi_align does a batched crop-and-resize; with sampling_ratio=-1 it averages
+    ceil(h/size) x ceil(w/size) bilinear samples per output pixel, i.e. it antialiases when the
+    crop is larger than the output (a box filter, where torchvision's antialias=True resize uses
+    a triangle filter) and equals torchvision's bilinear resize when upsampling, except for the
+    output pixels whose sample point falls outside the crop (a ring of at most size/(2h) pixels):
+    roi_align reads the neighbouring image pixels there, torchvision clamps to the crop's edge.
+    """
+    boxes = boxes.to(x.device, torch.float32)
+    top, left, h, w = boxes.unbind(1)
+    idx = torch.arange(len(x), device=x.device, dtype=torch.float32)
+    rois = torch.stack([idx, left, top, left + w, top + h], 1)  # [B, 5] = (b, x1, y1, x2, y2)
+    return roi_align(x, rois, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+
+def rgb_to_gray(x: torch.Tensor) -> torch.Tensor:
+    """[..., 3, H, W] -> [..., 1, H, W] with ITU-R 601 weights, as torchvision."""
+    r, g, b = x.unbind(-3)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(-3)
+
+
+def _blend(a: torch.Tensor, b: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    f = f.view(-1, 1, 1, 1)
+    return (f * a + (1 - f) * b).clamp_(0, 1)
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate hue by shift[b] (in turns, [-0.5, 0.5]) via HSV, per image; x: [B, 3, H, W]."""
+    r, g, b = x.unbind(1)
+    maxc = x.max(1).values
+    minc = x.min(1).values
+    delta = maxc - minc
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    sat = delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc))
+    # Hue in sixths of a turn, by which channel is the max (ties: r before g before b).
+    h = torch.where(
+        maxc == r, (g - b) / safe, torch.where(maxc == g, 2 + (b - r) / safe, 4 + (r - g) / safe)
+    )
+    h = torch.where(delta > 0, h, torch.zeros_like(h))
+    h = torch.remainder(h / 6 + shift.view(-1, 1, 1), 1.0)
+    # HSV -> RGB: each channel k is v - v*s*clamp(min(m, 4 - m), 0, 1), m = (n_k + 6h) mod 6.
+    out = []
+    for n in (5.0, 3.0, 1.0):
+        m = torch.remainder(n + h * 6, 6)
+        out.append(maxc - maxc * sat * torch.clamp(torch.minimum(m, 4 - m), 0, 1))
+    return torch.stack(out, 1)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Separable Gaussian blur with a per-image sigma, reflect padding (as torchvision)."""
+    B, C, H, W = x.shape
+    half = (kernel_size - 1) / 2
+    t = torch.linspace(-half, half, kernel_size, device=x.device)
+    k = torch.exp(-0.5 * (t[None] / sigma.to(x.device)[:, None]) ** 2)  # [B, K]
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(C, 0)  # [B*C, K], one filter per channel
+    p = kernel_size // 2
+    y = F.pad(x.reshape(1, B * C, H, W), (p, p, p, p), mode="reflect")
+    y = F.conv2d(y, k[:, None, None, :], groups=B * C)  # horizontal pass
+    y = F.conv2d(y, k[:, None, :, None], groups=B * C)  # vertical pass
+    return y.view(B, C, H, W)
+
+
+def apply_params(x: torch.Tensor, p: dict, cfg: AugConfig) -> torch.Tensor:
+    """x: [B, 3, H, W] float in [0, 1] (any device) -> augmented [B, 3, size, size] in [0, 1]."""
+    dev = x.device
+    p = {k: v.to(dev) for k, v in p.items()}
+    x = resized_crop(x, p["boxes"], cfg.size)
+    x = torch.where(p["flip"].view(-1, 1, 1, 1), x.flip(-1), x)
+    # Colour jitter: at step k, each jittered image runs the op its own permutation names there.
+    for k in range(4):
+        for op in range(4):
+            sel = torch.nonzero(p["jitter"] & (p["order"][:, k] == op)).flatten()
+            if sel.numel() == 0:
+                continue
+            xs = x[sel]
+            if op == 0:  # brightness: blend with black
+                xs = (xs * p["brightness"][sel].view(-1, 1, 1, 1)).clamp_(0, 1)
+            elif op == 1:  # contrast: blend with the mean grey level of the image
+                mean = rgb_to_gray(xs).mean((-3, -2, -1), keepdim=True)
+                xs = _blend(xs, mean, p["contrast"][sel])
+            elif op == 2:  # saturation: blend with the grey image
+                xs = _blend(xs, rgb_to_gray(xs), p["saturation"][sel])
+            else:
+                xs = adjust_hue(xs, p["hue"][sel])
+            x = x.index_copy(0, sel, xs)
+    x = torch.where(p["gray"].view(-1, 1, 1, 1), rgb_to_gray(x).expand_as(x), x)
+    if cfg.blur_p > 0:
+        sel = torch.nonzero(p["blur"]).flatten()
+        if sel.numel():
+            ks = int(0.1 * cfg.size) // 2 * 2 + 1  # 10% of the side, odd (SimCLR appendix A)
+            x = x.index_copy(0, sel, gaussian_blur(x[sel], p["sigma"][sel], ks))
+    return x
+
+
+class BatchAugment:
+    """Callable: uint8 [B, H, W, 3] (or [B, 3, H, W] float) -> normalised float [B, 3, S, S]."""
+
+    def __init__(self, cfg: AugConfig, mean, std):
+        self.cfg = cfg
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(std).view(1, 3, 1, 1)
+
+    def __call__(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        x = to_float(images)
+        p = sample_params(self.cfg, x.shape[0], x.shape[2], x.shape[3], gen)
+        x = apply_params(x, p, self.cfg)
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, H, W, C] (the cache's layout) -> float [B, C, H, W] in [0, 1]."""
+    if images.dtype == torch.uint8:
+        return images.permute(0, 3, 1, 2).float().div_(255)
+    return images
+
+
+def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """Evaluation transform: no augmentation, just [0, 1] floats normalised."""
+    x = to_float(images)
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s

@@ -1,0 +1,119 @@
+"""One checkpoint format for every method, written atomically, loaded without pickle code.
+
+A checkpoint is a dict of tensors and plain Python values:
+  format       1
+  method       "simclr", "rotnet", ...
+  backbone     state dict of the encoder (what linear_probe.py evaluates)
+  head         state dict of the method's head (projection MLP, classifier, decoder, ...)
+  optimizer    optimizer state dict
+  scheduler    the lr schedule's parameters (the lr is a pure function of the step)
+  step, epoch  finished optimisation steps, and the epoch the next step belongs to
+  config       the run's full configuration (vars(args)): rebuilds the backbone
+  rng          torch / numpy / Python RNG states (augmentation streams are derived from
+               (seed, rank, step), so resuming does not depend on these)
+
+`torch.load(weights_only=True)` refuses anything but tensors and plain containers, so a
+checkpoint from an untrusted source cannot run code.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMAT = 1
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DDP / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2])},
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    key = state["numpy"]["key"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", key, state["numpy"]["pos"]))
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))
+
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    method: str,
+    backbone: torch.nn.Module,
+    head: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: dict | None,
+    step: int,
+    epoch: int,
+    config: dict,
+    extra: dict | None = None,
+) -> None:
+    """Write the checkpoint atomically: temp file in the same folder, fsync, rename."""
+    state = {
+        "format": FORMAT,
+        "method": method,
+        "backbone": unwrap(backbone).state_dict(),
+        "head": unwrap(head).state_dict() if head is not None else {},
+        "optimizer": optimizer.state_dict() if optimizer is not None else {},
+        "scheduler": scheduler or {},
+        "step": step,
+        "epoch": epoch,
+        "config": config,
+        "rng": rng_state(),
+        **(extra or {}),
+    }
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file, never half
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)  # make the rename itself durable
+        finally:
+            os.close(dfd)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load with weights_only=True; checks the format and names the file on failure."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a loadable checkpoint: {e}") from e
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a checkpoint of this repo (format {FORMAT})")
+    return state

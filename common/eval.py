@@ -1,0 +1,70 @@
+"""Feature extraction and the weighted k-NN classifier shared by training scripts and probes."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from common import dist as D
+from common.augment import normalize
+from common.data import ImageSet
+
+
+@torch.no_grad()
+def extract_features(
+    model: torch.nn.Module,
+    data: ImageSet,
+    device: torch.device,
+    batch_size: int = 512,
+    mean=None,
+    std=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen features [N, D] and labels [N] for a whole split, no augmentation.
+
+    Each rank embeds a contiguous shard and the shards are all-gathered, so N GPUs take 1/N of
+    the time and every rank ends with the same full tensors (in the data's order).
+    """
+    was_training = model.training
+    model.eval()
+    mean, std = mean or data.mean, std or data.std
+    ws, rank = D.get_world_size(), D.get_rank()
+    lo, hi = rank * len(data) // ws, (rank + 1) * len(data) // ws
+    feats = []
+    for i in range(lo, hi, batch_size):
+        x = normalize(data.images[i : min(i + batch_size, hi)].to(device), mean, std)
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            feats.append(model(x).float())
+    local = torch.cat(feats) if feats else torch.zeros(0, 1, device=device)
+    model.train(was_training)
+    return D.all_gather_cat(local), data.labels.to(device)
+
+
+@torch.no_grad()
+def knn_predict(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    num_classes: int,
+    k: int = 200,
+    temperature: float = 0.1,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Weighted k-NN (Wu et al. 2018, InstDisc): cosine similarity, top-k neighbours vote with
+    weight exp(sim / T). Returns predicted labels [M]."""
+    bank = F.normalize(train_feats, dim=1)
+    k = min(k, len(bank))
+    preds = []
+    for q in F.normalize(test_feats, dim=1).split(chunk):
+        sim, idx = (q @ bank.t()).topk(k, dim=1)  # [m, k]
+        votes = torch.zeros(len(q), num_classes, device=q.device)
+        votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp())
+        preds.append(votes.argmax(1))
+    return torch.cat(preds)
+
+
+def knn_top1(model, train: ImageSet, test: ImageSet, device, k=200, temperature=0.1) -> float:
+    """k-NN top-1 (%) on `test` with `train` as the memory bank, using the training set's stats."""
+    ftr, ytr = extract_features(model, train, device, mean=train.mean, std=train.std)
+    fte, yte = extract_features(model, test, device, mean=train.mean, std=train.std)
+    pred = knn_predict(ftr, ytr, fte, len(train.classes), k, temperature)
+    return 100.0 * (pred == yte).float().mean().item()

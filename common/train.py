@@ -1,0 +1,217 @@
+"""What every method script's training loop shares: the command line, presets, the data feed,
+the lr schedule, logging with img/s and ETA, and clear errors for bad input.
+
+The command-line contract (the same for every method):
+  --data PATH      torchvision folder, ImageFolder root or tarball of one (common/data.py)
+  --out DIR        run directory: DIR/checkpoint.pt, DIR/log.jsonl
+  --preset NAME    tiny (tests, < 1 min on 2 CPU cores) | cpu (~10 min CPU budget) |
+                   gpu (the paper's recipe; the default when a GPU is present)
+  --epochs --batch-size (global) --lr --backbone --width --seed   override the preset
+  --resume [CKPT]  continue DIR/checkpoint.pt (or CKPT)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch.utils.data import DistributedSampler
+
+from common import dist as D
+from common.data import DataError
+
+
+class ConfigError(ValueError):
+    """A bad command-line value, reported before any work starts."""
+
+
+def base_parser(method: str, description: str) -> argparse.ArgumentParser:
+    """The flags every method shares. Preset-controlled flags default to None (= take preset)."""
+    p = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--data", default="./data", help="dataset folder or tarball (default ./data)")
+    p.add_argument("--out", default=f"runs/{method}", help="run directory")
+    p.add_argument("--preset", choices=["tiny", "cpu", "gpu"], help="default: gpu if CUDA else cpu")
+    p.add_argument("--epochs", type=int, help="training epochs")
+    p.add_argument("--batch-size", type=int, help="global batch size (all ranks together)")
+    p.add_argument("--lr", type=float, help="base learning rate (scaled with the global batch)")
+    p.add_argument("--weight-decay", type=float, help="weight decay")
+    p.add_argument("--warmup-epochs", type=float, help="linear warm-up epochs before cosine decay")
+    p.add_argument("--backbone", choices=["resnet18", "resnet50"], help="encoder architecture")
+    p.add_argument("--width", type=int, help="ResNet stem width (64 = standard; 8-16 for CPU)")
+    p.add_argument("--crop-size", type=int, help="training crop side (default: the image size)")
+    p.add_argument("--limit-train", type=int, help="use a fixed random subset of N train images")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--resume", nargs="?", const="auto", help="resume OUT/checkpoint.pt or CKPT")
+    p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
+    p.add_argument("--log-every", type=int, help="print/log a line every N steps")
+    p.add_argument(
+        "--eval-every", type=int, help="k-NN eval on the test set every N epochs (0: end)"
+    )
+    p.add_argument("--knn-bank", type=int, help="train images in the k-NN bank (default: all)")
+    p.add_argument("--ckpt-every", type=int, default=0, help="also checkpoint every N steps")
+    return p
+
+
+def apply_preset(args: argparse.Namespace, presets: dict[str, dict]) -> argparse.Namespace:
+    """Fill every flag left at None from the chosen preset; explicit flags win."""
+    if args.preset is None:
+        args.preset = "gpu" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    for k, v in presets[args.preset].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
+
+
+def check_args(args: argparse.Namespace, world_size: int) -> None:
+    """Reject invalid numbers before any work starts."""
+    positive = ["epochs", "batch_size", "width", "log_every"]
+    for k in positive:
+        v = getattr(args, k, None)
+        if v is not None and v <= 0:
+            raise ConfigError(f"--{k.replace('_', '-')} must be > 0, got {v}")
+    for k in ["lr", "weight_decay", "warmup_epochs", "eval_every", "ckpt_every"]:
+        v = getattr(args, k, None)
+        if v is not None and v < 0:
+            raise ConfigError(f"--{k.replace('_', '-')} must be >= 0, got {v}")
+    if getattr(args, "temperature", 1.0) <= 0:
+        raise ConfigError(f"--temperature must be > 0, got {args.temperature}")
+    if args.batch_size % world_size:
+        raise ConfigError(
+            f"--batch-size {args.batch_size} is not divisible by the world size {world_size}"
+        )
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda, but no CUDA device is available")
+
+
+def run_cli(main: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> None:
+    """Run main(args); bad data or config end with one line `error: ...` and exit code 2."""
+    try:
+        main(args)
+    except (DataError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        D.cleanup()
+        sys.exit(2)
+    finally:
+        D.cleanup()
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """Linear warm-up from 0 to `peak` over `warmup` steps, then cosine decay to 0."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """Augmentation randomness as a pure function of (seed, rank, step): resumes reproduce it
+    with no generator state to save, and no two ranks or steps share a stream."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + rank) * 1_000_000_007 + step)
+
+
+class BatchFeed:
+    """Per-rank batches of uint8 images [b, H, W, 3] on the device, by epoch and step.
+
+    Small datasets (CIFAR: 150 MB) move to the GPU once; indexing replaces a DataLoader. The
+    shuffle is DistributedSampler's (seeded, `set_epoch`), so every rank sees a disjoint shard.
+    """
+
+    def __init__(self, images: torch.Tensor, global_batch: int, device: torch.device, seed: int):
+        ws, rank = D.get_world_size(), D.get_rank()
+        self.local_batch = global_batch // ws
+        self.steps_per_epoch = len(images) // global_batch
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"--batch-size {global_batch} is larger than the training set ({len(images)})"
+            )
+        on_device = device.type == "cuda" and images.numel() < (4 << 30)
+        self.images = images.to(device) if on_device else images
+        self.pin = device.type == "cuda" and not on_device
+        self.device = device
+        self.sampler = DistributedSampler(
+            range(len(images)), num_replicas=ws, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+        self.sampler.set_epoch(epoch)
+        order = torch.tensor(list(self.sampler))
+        for i in range(start_step, self.steps_per_epoch):
+            idx = order[i * self.local_batch : (i + 1) * self.local_batch]
+            x = self.images[idx.to(self.images.device)]
+            if self.pin:
+                x = x.pin_memory()
+            yield x.to(self.device, non_blocking=True)
+
+
+class Logger:
+    """Rank 0 prints a line every `every` steps and appends JSON records to OUT/log.jsonl."""
+
+    def __init__(self, out: Path, total_steps: int, every: int, start_step: int = 0):
+        self.path = out / "log.jsonl"
+        self.total, self.every = total_steps, every
+        self.t0, self.s0 = time.time(), start_step
+        self.t_last, self.s_last = self.t0, start_step
+
+    def write(self, record: dict) -> None:
+        if D.is_main():
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def step(self, step: int, epoch: int, images_per_step: int, **metrics: float) -> None:
+        """Call after step `step` (1-based count of finished steps)."""
+        if step % self.every and step != self.total:
+            return
+        now = time.time()
+        ips = (step - self.s_last) * images_per_step / max(now - self.t_last, 1e-9)
+        rate = (step - self.s0) / max(now - self.t0, 1e-9)
+        eta = (self.total - step) / max(rate, 1e-9)
+        self.t_last, self.s_last = now, step
+        rec = {"step": step, "epoch": epoch, **metrics, "img_per_s": ips, "eta_s": eta}
+        self.write(rec)
+        if D.is_main():
+            vals = " ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
+            )
+            print(
+                f"step {step}/{self.total} epoch {epoch} {vals} img/s {ips:.0f} "
+                f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}",
+                flush=True,
+            )
+
+
+def setup_run(args: argparse.Namespace) -> tuple[torch.device, Path]:
+    """Initialise distributed, validate args, seed, create OUT; returns (device, out_dir)."""
+    device = D.init_distributed(args.device)
+    check_args(args, D.get_world_size())
+    out = Path(args.out)
+    if D.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+    D.barrier()
+    torch.manual_seed(args.seed + D.get_rank())
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if D.is_main():
+        cfg = {k: v for k, v in vars(args).items()}
+        print(f"config: {json.dumps(cfg)} world_size {D.get_world_size()} device {device}")
+    return device, out
+
+
+def resume_path(args: argparse.Namespace, out: Path) -> Path | None:
+    if not args.resume:
+        return None
+    path = out / "checkpoint.pt" if args.resume == "auto" else Path(args.resume)
+    if not path.exists():
+        raise ConfigError(f"--resume: no checkpoint at {path}")
+    return path

@@ -1,0 +1,144 @@
+"""Linear probe and k-NN evaluation of any method's checkpoint.
+
+Protocol (SimCLR / InstDisc / lightly benchmarks): freeze the backbone, embed the train and test
+images without augmentation, then
+- linear: a linear classifier on the precomputed, standardised features, trained with SGD
+  (momentum 0.9, cosine lr, cross-entropy); the lr and weight decay are picked by a small sweep
+  on a held-out 10% of the training set, then the classifier is retrained on all of it;
+- k-NN: weighted k-NN on L2-normalised features (k = 200, T = 0.1, cosine).
+`--random-init` evaluates the same architecture untrained: the baseline every result needs.
+
+Run:
+  python linear_probe.py runs/simclr --data ./data
+  python linear_probe.py runs/simclr/checkpoint.pt --data ./data --random-init
+The last line printed is one JSON object with `linear_top1` and `knn_top1` (percent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from common import dist as D
+from common.backbones import backbone_from_config
+from common.checkpoint import load_checkpoint
+from common.data import DataError, load_split
+from common.eval import extract_features, knn_predict
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("run", help="run directory (holding checkpoint.pt) or checkpoint file")
+    p.add_argument("--data", help="dataset (default: the one the checkpoint was trained on)")
+    p.add_argument("--random-init", action="store_true", help="evaluate an untrained backbone")
+    p.add_argument("--epochs", type=int, default=100, help="linear classifier epochs")
+    p.add_argument("--batch-size", type=int, default=1024, help="linear classifier batch size")
+    p.add_argument("--lrs", type=float, nargs="+", default=[0.01, 0.1, 1.0], help="lr sweep")
+    p.add_argument("--wds", type=float, nargs="+", default=[0.0, 1e-4], help="weight-decay sweep")
+    p.add_argument("--knn-k", type=int, default=200)
+    p.add_argument("--knn-t", type=float, default=0.1)
+    p.add_argument("--limit-train", type=int, help="use a fixed random subset of N train images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
+    return p
+
+
+def train_linear(x, y, num_classes, lr, wd, epochs, batch_size, seed) -> torch.nn.Linear:
+    """SGD (momentum 0.9, cosine schedule) on features x [N, D] with labels y [N]."""
+    gen = torch.Generator().manual_seed(seed)
+    clf = torch.nn.Linear(x.shape[1], num_classes).to(x.device)
+    opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
+    steps = epochs * max(1, len(x) // batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=gen).to(x.device)
+        for idx in perm.split(batch_size):
+            if len(idx) < batch_size and len(x) >= batch_size:
+                continue  # drop the ragged last batch
+            loss = F.cross_entropy(clf(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return clf
+
+
+@torch.no_grad()
+def accuracy(clf, x, y) -> float:
+    return 100.0 * (clf(x).argmax(1) == y).float().mean().item()
+
+
+def linear_probe(ftr, ytr, fte, yte, num_classes, args) -> dict:
+    # Standardise with the training features' statistics (a BN without affine, as in MAE).
+    mu, sd = ftr.mean(0), ftr.std(0).clamp_min(1e-6)
+    ftr, fte = (ftr - mu) / sd, (fte - mu) / sd
+    perm = torch.randperm(len(ftr), generator=torch.Generator().manual_seed(args.seed))
+    n_val = max(1, len(ftr) // 10)
+    val, fit = perm[:n_val].to(ftr.device), perm[n_val:].to(ftr.device)
+    sweep = {}
+    for lr, wd in itertools.product(args.lrs, args.wds):
+        clf = train_linear(
+            ftr[fit], ytr[fit], num_classes, lr, wd, args.epochs, args.batch_size, args.seed
+        )
+        sweep[(lr, wd)] = accuracy(clf, ftr[val], ytr[val])
+    (lr, wd), val_top1 = max(sweep.items(), key=lambda kv: kv[1])
+    clf = train_linear(ftr, ytr, num_classes, lr, wd, args.epochs, args.batch_size, args.seed)
+    return {
+        "linear_top1": accuracy(clf, fte, yte),
+        "val_top1": val_top1,
+        "best_lr": lr,
+        "best_wd": wd,
+    }
+
+
+def main(args):
+    t0 = time.time()
+    device = D.init_distributed(args.device)
+    state = load_checkpoint(args.run)
+    cfg = state["config"]
+    torch.manual_seed(args.seed)
+    backbone = backbone_from_config(cfg)
+    if not args.random_init:
+        backbone.load_state_dict(state["backbone"])
+    backbone.to(device)
+    data = args.data or cfg["data"]
+    train = load_split(data, "train").subset(args.limit_train, args.seed)
+    test = load_split(data, "test")
+    # Features are always computed with the *training* set's normalisation.
+    ftr, ytr = extract_features(backbone, train, device, mean=train.mean, std=train.std)
+    fte, yte = extract_features(backbone, test, device, mean=train.mean, std=train.std)
+    num_classes = len(train.classes)
+    knn = knn_predict(ftr, ytr, fte, num_classes, args.knn_k, args.knn_t)
+    result = {
+        "checkpoint": str(args.run),
+        "method": state["method"],
+        "random_init": args.random_init,
+        "backbone": cfg["backbone"],
+        "width": cfg["width"],
+        "epochs": cfg.get("epochs"),
+        "data": str(data),
+        "knn_top1": 100.0 * (knn == yte).float().mean().item(),
+        **linear_probe(ftr, ytr, fte, yte, num_classes, args),
+        "num_train": len(train),
+        "num_test": len(test),
+        "seconds": round(time.time() - t0, 1),
+    }
+    if D.is_main():
+        print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args_parser().parse_args())
+    except (DataError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,293 @@
+"""SimCLR: contrastive learning of visual representations.
+
+Paper: Chen, Kornblith, Norouzi, Hinton. "A Simple Framework for Contrastive Learning of Visual
+Representations", ICML 2020 (arXiv:2002.05709); CIFAR-10 recipe from its appendix B.9 and the
+official repository (google-research/simclr).
+
+Method: every image in a batch of N is augmented twice (random resized crop, flip, colour
+jitter, grayscale, optional blur). An encoder f (ResNet) gives representations h, a 2-layer MLP
+head g gives projections z = g(h). The NT-Xent loss makes each view's positive (the other view
+of the same image) the most similar among the 2N - 1 others (cosine similarity / temperature,
+softmax cross-entropy), with negatives from every GPU. After training, g is thrown away and h is
+evaluated: linear probe and k-NN (linear_probe.py).
+
+Run:
+  python simclr.py                                  # CIFAR-10 in ./data, GPU recipe if CUDA
+  torchrun --nproc_per_node=8 simclr.py --data ./data
+  python simclr.py --preset cpu --data ../shared/data/cifar10-jpeg.tar.gz
+  python linear_probe.py runs/simclr --data ./data  # evaluate
+Expect (paper, ResNet-50, 1000 epochs, batch 1024): 94.0% linear top-1 on CIFAR-10; the
+official repo's ResNet-18 recipe (the `gpu` preset here) reports ~90%. The README lists what
+the `cpu` preset gives on 2 CPU cores in 10 minutes, with the command.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import torch
+import torch.nn as nn
+
+from common import dist as D
+from common.augment import AugConfig, BatchAugment
+from common.backbones import build_backbone, stem_for
+from common.checkpoint import load_checkpoint, save_checkpoint
+from common.data import load_split
+from common.eval import knn_top1
+from common.losses import nt_xent_loss
+from common.train import (
+    BatchFeed,
+    ConfigError,
+    Logger,
+    apply_preset,
+    base_parser,
+    lr_at,
+    resume_path,
+    run_cli,
+    setup_run,
+    step_generator,
+)
+
+# ----------------------------------------------------------------------------------- config
+# Presets fill every flag the user did not give. `gpu` is the official CIFAR-10 recipe
+# (README of google-research/simclr: ResNet-18, batch 512, LARS lr 1.0 x batch/256,
+# wd 1e-4, temperature 0.5, jitter strength 0.5, no blur, 1000 epochs, 10 warm-up epochs).
+PRESETS = {
+    "tiny": dict(  # tests: seconds on 2 CPU cores; learns a little, proves the pipeline
+        epochs=2,
+        batch_size=128,
+        lr=1.0,
+        weight_decay=1e-4,
+        warmup_epochs=0.5,
+        backbone="resnet18",
+        width=8,
+        limit_train=1024,
+        log_every=4,
+        eval_every=0,
+        knn_bank=2000,
+        temperature=0.5,
+    ),
+    "cpu": dict(  # ~10 minutes on 2 CPU cores (README's CPU row)
+        epochs=15,
+        batch_size=256,
+        lr=1.0,
+        weight_decay=1e-4,
+        warmup_epochs=1,
+        backbone="resnet18",
+        width=16,
+        limit_train=10000,
+        log_every=20,
+        eval_every=0,
+        knn_bank=None,
+        temperature=0.5,
+    ),
+    "gpu": dict(  # the paper's CIFAR-10 recipe
+        epochs=1000,
+        batch_size=512,
+        lr=1.0,
+        weight_decay=1e-4,
+        warmup_epochs=10,
+        backbone="resnet18",
+        width=64,
+        limit_train=None,
+        log_every=50,
+        eval_every=50,
+        knn_bank=None,
+        temperature=0.5,
+    ),
+}
+
+
+def get_args_parser():
+    p = base_parser("simclr", __doc__)
+    p.add_argument("--temperature", type=float, help="NT-Xent temperature (0.5 for CIFAR)")
+    p.add_argument("--proj-dim", type=int, default=128, help="output size of the projection head")
+    p.add_argument(
+        "--jitter-strength", type=float, help="colour jitter s (default 0.5 <= 64 px, else 1)"
+    )
+    p.add_argument(
+        "--blur", type=float, help="Gaussian blur probability (default 0 <= 64 px, else 0.5)"
+    )
+    p.add_argument("--momentum", type=float, default=0.9, help="LARS momentum")
+    p.add_argument("--lars-eta", type=float, default=1e-3, help="LARS trust coefficient")
+    p.add_argument(
+        "--lr-scaling",
+        choices=["linear", "sqrt"],
+        default="linear",
+        help="peak lr = lr * batch/256 (linear) or lr * sqrt(batch) (paper B.1, small batches)",
+    )
+    return p
+
+
+# ------------------------------------------------------------------------------------ model
+class ProjectionHead(nn.Sequential):
+    """g: Linear-BN-ReLU-Linear-BN, as the official code's 2-layer head (BN instead of biases)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__(
+            nn.Linear(in_dim, in_dim, bias=False),
+            nn.BatchNorm1d(in_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(in_dim, out_dim, bias=False),
+            nn.BatchNorm1d(out_dim),
+        )
+
+
+class SimCLR(nn.Module):
+    def __init__(self, backbone: nn.Module, proj_dim: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = ProjectionHead(backbone.feat_dim, proj_dim)
+
+    def forward(self, views: torch.Tensor) -> torch.Tensor:
+        # views: [2n, 3, S, S], both views in one batch so BN normalises over all 2n images
+        return self.head(self.backbone(views))  # [2n, proj_dim]
+
+
+# -------------------------------------------------------------------------------- optimizer
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al. 2017) as in SimCLR's code: per-layer trust ratio eta*||w||/||g||, with
+    momentum on the scaled update. Groups with `exclude=True` (biases, BN) get neither weight
+    decay nor adaptation."""
+
+    def __init__(self, params, lr: float, momentum: float, weight_decay: float, eta: float):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                trust = 1.0
+                if not g.get("exclude", False):
+                    grad = grad.add(p, alpha=g["weight_decay"])
+                    w_norm, g_norm = torch.linalg.norm(p), torch.linalg.norm(grad)
+                    ok = (w_norm > 0) & (g_norm > 0)
+                    trust = torch.where(ok, g["eta"] * w_norm / g_norm.clamp_min(1e-30), 1.0)
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.mul_(g["momentum"]).add_(grad * (trust * g["lr"]))
+                p.sub_(buf)
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    """Biases and BN parameters (the 1-D tensors) are excluded from decay and adaptation."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    rest = [p for p in model.parameters() if p.ndim <= 1]
+    return [{"params": decay}, {"params": rest, "exclude": True}]
+
+
+# ------------------------------------------------------------------------------------ train
+def main(args):
+    device, out = setup_run(args)
+    if args.blur is not None and not 0 <= args.blur <= 1:
+        raise ConfigError(f"--blur is a probability, got {args.blur}")
+    ws, rank = D.get_world_size(), D.get_rank()
+
+    train = load_split(args.data, "train", include_unlabeled=True).subset(
+        args.limit_train, args.seed
+    )
+    test = load_split(args.data, "test")
+    args.image_size = train.image_size
+    args.crop_size = args.crop_size or train.image_size
+    args.stem = stem_for(args.crop_size)
+    big = args.crop_size > 64  # ImageNet-like images: the paper's ImageNet augmentation strength
+    args.jitter_strength = args.jitter_strength or (1.0 if big else 0.5)
+    args.blur = (0.5 if big else 0.0) if args.blur is None else args.blur
+    aug = BatchAugment(
+        AugConfig(args.crop_size, jitter_strength=args.jitter_strength, blur_p=args.blur),
+        train.mean,
+        train.std,
+    )
+
+    model = SimCLR(build_backbone(args.backbone, args.stem, args.width), args.proj_dim)
+    model = D.convert_global_bn(model, device).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    scale = args.batch_size / 256 if args.lr_scaling == "linear" else math.sqrt(args.batch_size)
+    peak_lr = args.lr * scale
+    opt = LARS(param_groups(model), peak_lr, args.momentum, args.weight_decay, args.lars_eta)
+
+    feed = BatchFeed(train.images, args.batch_size, device, args.seed)
+    total = args.epochs * feed.steps_per_epoch
+    warmup = round(args.warmup_epochs * feed.steps_per_epoch)
+    step = 0
+    ckpt = resume_path(args, out)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt)
+        if state["method"] != "simclr":
+            raise ConfigError(f"--resume {ckpt}: a {state['method']} checkpoint, not simclr")
+        model.backbone.load_state_dict(state["backbone"])
+        model.head.load_state_dict(state["head"])
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+        if D.is_main():
+            print(f"resumed from {ckpt} at step {step}")
+    ddp = D.wrap_ddp(model, device)
+    log = Logger(out, total, args.log_every, start_step=step)
+    schedule = {"kind": "warmup_cosine", "peak_lr": peak_lr, "warmup": warmup, "total": total}
+
+    def checkpoint(epoch):
+        if D.is_main():
+            save_checkpoint(
+                out / "checkpoint.pt",
+                method="simclr",
+                backbone=model.backbone,
+                head=model.head,
+                optimizer=opt,
+                scheduler=schedule,
+                step=step,
+                epoch=epoch,
+                config=vars(args),
+            )
+
+    def evaluate(epoch):
+        bank = train.subset(args.knn_bank, args.seed)
+        acc = knn_top1(model.backbone, bank, test, device)
+        log.write({"step": step, "epoch": epoch, "knn_top1": acc})
+        if D.is_main():
+            print(f"epoch {epoch} k-NN top-1 {acc:.2f}%", flush=True)
+        return acc
+
+    t_start = time.time()
+    while step < total:
+        epoch = step // feed.steps_per_epoch
+        for images in feed.epoch(epoch, start_step=step % feed.steps_per_epoch):
+            gen = step_generator(args.seed, rank, step)
+            views = torch.cat([aug(images, gen), aug(images, gen)])  # [2n, 3, S, S]
+            if device.type == "cuda":
+                views = views.contiguous(memory_format=torch.channels_last)
+            lr = lr_at(step, total, warmup, peak_lr)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                z = ddp(views)
+            z1, z2 = z.float().chunk(2)
+            loss = nt_xent_loss(z1, z2, args.temperature)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            if step % args.log_every == 0 or step == total:
+                mean_loss = D.all_reduce_mean(loss.detach()).item()
+                log.step(step, epoch, args.batch_size, loss=mean_loss, lr=lr)
+            if args.ckpt_every and step % args.ckpt_every == 0:
+                checkpoint(step // feed.steps_per_epoch)
+        if args.eval_every and (epoch + 1) % args.eval_every == 0 and step < total:
+            evaluate(epoch)
+    checkpoint(args.epochs)
+    result = {"method": "simclr", "epochs": args.epochs, "steps": step}
+    result["knn_top1"] = evaluate(args.epochs)
+    result["train_minutes"] = (time.time() - t_start) / 60
+    if D.is_main():
+        print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main, apply_preset(get_args_parser().parse_args(), PRESETS))
