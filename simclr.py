@@ -185,7 +185,7 @@ def main(args):
     device, out = setup_run(args)
     if args.blur is not None and not 0 <= args.blur <= 1:
         raise ConfigError(f"--blur is a probability, got {args.blur}")
-    ws, rank = D.get_world_size(), D.get_rank()
+    rank = D.get_rank()
 
     train = load_split(args.data, "train", include_unlabeled=True).subset(
         args.limit_train, args.seed
@@ -278,6 +278,9 @@ def main(args):
                 log.step(step, epoch, args.batch_size, loss=mean_loss, lr=lr)
             if args.ckpt_every and step % args.ckpt_every == 0:
                 checkpoint(step // feed.steps_per_epoch)
+            if args.max_steps and step >= args.max_steps:
+                checkpoint(step // feed.steps_per_epoch)
+                return {"method": "simclr", "steps": step, "stopped": "max_steps"}
         if args.eval_every and (epoch + 1) % args.eval_every == 0 and step < total:
             evaluate(epoch)
     checkpoint(args.epochs)

@@ -34,6 +34,7 @@ import torch
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 CACHE_VERSION = 1
+DEFAULT_DATA = "./data"
 SPLIT_DIRS = {"train": ("train",), "test": ("test", "val")}
 
 
@@ -98,14 +99,18 @@ def load_split(
     path: str | Path,
     split: str,
     cache_dir: str | Path | None = None,
-    download: bool = True,
+    download: bool | None = None,
     include_unlabeled: bool = False,
 ) -> ImageSet:
     """Load `split` ("train" or "test") of the dataset at `path` as uint8 tensors.
 
     include_unlabeled: for STL-10, append the 100k unlabelled images to "train" (pre-training).
-    download: when `path` holds no dataset, fetch CIFAR-10 there through torchvision.
+    download: when `path` holds no dataset, fetch CIFAR-10 there through torchvision. None (the
+    default) downloads only into the default `./data`: a mistyped path is an error, not a
+    download into a new folder.
     """
+    if download is None:
+        download = Path(path) == Path(DEFAULT_DATA)
     if split not in SPLIT_DIRS:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     kind = detect(path)
@@ -118,6 +123,7 @@ def load_split(
             )
         if not download:
             raise DataError(f"--data {path}: does not exist or is empty")
+        print(f"no dataset in {path}: downloading CIFAR-10 there (torchvision)", flush=True)
         kind = "cifar10"
     if kind in ("cifar10", "cifar100", "stl10"):
         return _load_torchvision(Path(path), kind, split, download, include_unlabeled)
@@ -292,15 +298,15 @@ def _list_tar(src: Path) -> _Files:
 
 def _decode(name: str, data: bytes) -> np.ndarray:
     """Bytes -> [H, W, 3] uint8. torchvision's decoder first (fast), PIL for what it rejects."""
-    from torchvision.io import ImageReadMode, decode_image
+    with warnings.catch_warnings():  # torchvision 0.29 points to TorchCodec; this still works
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torchvision.io import ImageReadMode, decode_image
 
-    try:
-        t = decode_image(
-            torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB
-        )
-        return t.permute(1, 2, 0).numpy()
-    except Exception:
-        pass
+        try:
+            buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            return decode_image(buf, mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
+        except Exception:
+            pass
     try:
         from PIL import Image
 

@@ -150,12 +150,28 @@ def barrier() -> None:
         dist.barrier()
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable all-reduce: d(sum over ranks)/d(own input) routes every rank's gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training statistics span all ranks, on any device (gloo included).
 
     SimCLR uses global BN so that a network cannot cheat the contrastive task with per-device
     statistics. torch's SyncBatchNorm only runs on GPUs; this one all-reduces [sum, sum of
-    squares, count] with the differentiable all_reduce, so its gradients are exact too, and a
+    squares, count] with a differentiable all-reduce, so its gradients are exact too, and a
     two-process CPU run computes the same thing as one process with the whole batch.
     """
 
@@ -166,17 +182,17 @@ class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and is_dist()):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
         xf = x.float()
         count = torch.tensor([xf.numel() / xf.shape[1]], device=x.device)
-        stats = all_reduce(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count]))
+        # fp64 sums: E[x^2] - E[x]^2 in fp32 loses digits when the mean is large
+        xd = xf.double()
+        stats = _AllReduceSum.apply(torch.cat([xd.sum(dims), (xd * xd).sum(dims), count.double()]))
         c = x.shape[1]
         n = stats[-1]
-        mean = stats[:c] / n
-        var = (stats[c : 2 * c] / n - mean * mean).clamp_min(0)  # biased, as BN normalises
+        mean = (stats[:c] / n).float()
+        var = (stats[c : 2 * c] / n - (stats[:c] / n) ** 2).clamp_min(0).float()  # biased, as BN
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from common import dist as D
-from common.data import DataError
+from common.data import DEFAULT_DATA, DataError
 
 
 class ConfigError(ValueError):
@@ -36,7 +36,9 @@ def base_parser(method: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--data", default="./data", help="dataset folder or tarball (default ./data)")
+    p.add_argument(
+        "--data", default=DEFAULT_DATA, help="dataset folder or tarball (default ./data)"
+    )
     p.add_argument("--out", default=f"runs/{method}", help="run directory")
     p.add_argument("--preset", choices=["tiny", "cpu", "gpu"], help="default: gpu if CUDA else cpu")
     p.add_argument("--epochs", type=int, help="training epochs")
@@ -57,6 +59,7 @@ def base_parser(method: str, description: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--knn-bank", type=int, help="train images in the k-NN bank (default: all)")
     p.add_argument("--ckpt-every", type=int, default=0, help="also checkpoint every N steps")
+    p.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after N steps in all")
     return p
 
 
@@ -79,7 +82,7 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
         v = getattr(args, k, None)
         if v is not None and v <= 0:
             raise ConfigError(f"--{k.replace('_', '-')} must be > 0, got {v}")
-    for k in ["lr", "weight_decay", "warmup_epochs", "eval_every", "ckpt_every"]:
+    for k in ["lr", "weight_decay", "warmup_epochs", "eval_every", "ckpt_every", "max_steps"]:
         v = getattr(args, k, None)
         if v is not None and v < 0:
             raise ConfigError(f"--{k.replace('_', '-')} must be >= 0, got {v}")

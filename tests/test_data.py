@@ -1,0 +1,78 @@
+"""Dataset loading: tarballs and ImageFolders decode once into a reusable uint8 cache; bad data
+stops with a message naming the problem."""
+
+import tarfile
+
+import pytest
+import torch
+from conftest import write_image
+
+from common import data as data_mod
+from common.data import DataError, load_split
+
+
+def test_cifar_tarball(cifar_tar):
+    tr = load_split(cifar_tar, "train")
+    te = load_split(cifar_tar, "test")
+    assert tr.images.shape == (50000, 32, 32, 3) and tr.images.dtype == torch.uint8
+    assert te.images.shape == (10000, 32, 32, 3)
+    assert tr.labels.bincount().tolist() == [5000] * 10
+    assert tr.classes[0] == "airplane" and tr.classes[-1] == "truck"
+    assert all(0.4 < m < 0.5 for m in tr.mean) and all(0.2 < s < 0.3 for s in tr.std)
+    sub = tr.subset(1000, seed=1)
+    assert len(sub) == 1000 and torch.equal(sub.images, tr.subset(1000, seed=1).images)
+
+
+def test_folder_modes_sizes_and_stray_files(image_folder, tmp_path):
+    cache = tmp_path / "cache"
+    tr = load_split(image_folder, "train", cache_dir=cache)
+    te = load_split(image_folder, "test", cache_dir=cache)
+    assert tr.images.shape == (10, 32, 32, 3)  # the .txt file skipped, 48x40 resized to 32
+    assert te.images.shape == (4, 32, 32, 3)
+    assert tr.classes == ["cat", "dog"] and tr.labels.tolist() == [0] * 5 + [1] * 5
+
+
+def test_cache_is_reused_and_invalidated(image_folder, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    first = load_split(image_folder, "train", cache_dir=cache)
+
+    def no_decode(*a):
+        raise AssertionError("decoded again although the cache is valid")
+
+    monkeypatch.setattr(data_mod, "_decode", no_decode)
+    again = load_split(image_folder, "train", cache_dir=cache)
+    assert torch.equal(first.images, again.images)
+    write_image(image_folder / "train" / "dog" / "new.png", (32, 32))  # the source changed
+    with pytest.raises(AssertionError, match="decoded again"):
+        load_split(image_folder, "train", cache_dir=cache)
+
+
+def test_tarball_with_top_folder(image_folder, tmp_path):
+    tar_path = tmp_path / "set.tar.gz"
+    with tarfile.open(tar_path, "w:gz") as tar:
+        tar.add(image_folder, arcname="myset")
+    tr = load_split(tar_path, "train", cache_dir=tmp_path / "c")
+    assert tr.images.shape == (10, 32, 32, 3) and tr.classes == ["cat", "dog"]
+    folder = load_split(image_folder, "train", cache_dir=tmp_path / "c2")
+    assert torch.equal(tr.images, folder.images)
+
+
+def test_bad_data_messages(image_folder, tmp_path):
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError, match="does not exist"):
+        load_split(tmp_path / "nope", "train", cache_dir=cache)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="does not exist or is empty"):
+        load_split(tmp_path / "empty", "train", cache_dir=cache)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "x.txt").write_text("x")
+    with pytest.raises(DataError, match="no dataset found"):
+        load_split(tmp_path / "junk", "train", cache_dir=cache)
+    bad = image_folder / "train" / "cat" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    with pytest.raises(DataError, match="broken.jpg"):
+        load_split(image_folder, "train", cache_dir=cache)
+    bad.unlink()
+    (image_folder / "train" / "bird").mkdir()
+    with pytest.raises(DataError, match="bird holds no images"):
+        load_split(image_folder, "train", cache_dir=cache)
