@@ -19,10 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common_bench import torchvision_loader  # noqa: E402
-
 from common.augment import AugConfig, BatchAugment  # noqa: E402
 from common.data import load_split  # noqa: E402
+from common_bench import torchvision_loader  # noqa: E402
 
 
 def sync(device):
@@ -38,10 +37,9 @@ def bench_batched(images, aug, device, batch, steps):
         aug(imgs[:batch], gen)
     sync(device)
     t = time.perf_counter()
-    for i in range(steps):
-        idx = torch.randint(0, n, (batch,), device=device)
-        x = imgs[idx]
-        v1, v2 = aug(x, gen), aug(x, gen)
+    for _ in range(steps):
+        x = imgs[torch.randint(0, n, (batch,), device=device)]
+        aug(x, gen), aug(x, gen)
     sync(device)
     return 2 * batch * steps / (time.perf_counter() - t)
 

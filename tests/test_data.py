@@ -5,10 +5,10 @@ import tarfile
 
 import pytest
 import torch
-from conftest import write_image
 
 from common import data as data_mod
 from common.data import DataError, load_split
+from conftest import write_image
 
 
 def test_cifar_tarball(cifar_tar):

@@ -4,11 +4,11 @@ positives' placement), on data that differs between ranks so a symmetric bug can
 
 import pytest
 import torch
-from dist_utils import run_distributed
 
 from common import dist as D
 from common.backbones import build_backbone
 from common.losses import nt_xent_loss
+from dist_utils import run_distributed
 
 N, SIZE = 8, 16
 
