@@ -23,9 +23,7 @@ the `cpu` preset gives on 2 CPU cores in 10 minutes, with the command.
 
 from __future__ import annotations
 
-import json
 import math
-import time
 
 import torch
 import torch.nn as nn
@@ -33,70 +31,44 @@ import torch.nn as nn
 from common import dist as D
 from common.augment import AugConfig, BatchAugment
 from common.backbones import build_backbone, stem_for
-from common.checkpoint import load_checkpoint, save_checkpoint
 from common.data import load_split
 from common.eval import knn_top1
 from common.losses import nt_xent_loss
 from common.train import (
     BatchFeed,
     ConfigError,
-    Logger,
+    TrainRun,
     apply_preset,
     base_parser,
-    lr_at,
-    resume_path,
     run_cli,
     setup_run,
     step_generator,
 )
 
 # ----------------------------------------------------------------------------------- config
-# Presets fill every flag the user did not give. `gpu` is the official CIFAR-10 recipe
-# (README of google-research/simclr: ResNet-18, batch 512, LARS lr 1.0 x batch/256,
-# wd 1e-4, temperature 0.5, jitter strength 0.5, no blur, 1000 epochs, 10 warm-up epochs).
+# Presets fill every flag the user did not give (explicit flags win). `gpu` is the official
+# CIFAR-10 recipe (README of google-research/simclr: ResNet-18, batch 512, LARS lr 1.0 x
+# batch/256, wd 1e-4, temperature 0.5, jitter strength 0.5, no blur, 1000 epochs, 10 warm-up
+# epochs). `tiny` proves the pipeline in seconds (tests); `cpu` is ~10 minutes on 2 cores.
+# fmt: off
+#                  tiny      cpu       gpu
+_TABLE = {
+    "epochs":        (2,        5,        1000),   # passes over the (limited) training set
+    "batch_size":    (128,      256,      512),    # global batch N (2N views per step)
+    "lr":            (1.0,      1.0,      1.0),    # LARS base lr; peak = lr * N / 256
+    "weight_decay":  (1e-4,     1e-4,     1e-4),   # on weights only (not biases, not BN)
+    "warmup_epochs": (0.5,      0.5,      10),     # linear warm-up, then cosine decay to 0
+    "temperature":   (0.5,      0.5,      0.5),    # NT-Xent temperature (CIFAR: 0.5)
+    "backbone":      ("resnet18", "resnet18", "resnet18"),
+    "width":         (8,        16,       64),     # ResNet width (64 = the real ResNet-18)
+    "limit_train":   (1024,     25000,    None),   # random subset of train images (None: all)
+    "log_every":     (4,        20,       50),     # steps between log lines
+    "eval_every":    (0,        0,        50),     # epochs between k-NN evals (0: at the end)
+    "knn_bank":      (2000,     None,     None),   # train images in the k-NN bank (None: all)
+}
+# fmt: on
 PRESETS = {
-    "tiny": dict(  # tests: seconds on 2 CPU cores; learns a little, proves the pipeline
-        epochs=2,
-        batch_size=128,
-        lr=1.0,
-        weight_decay=1e-4,
-        warmup_epochs=0.5,
-        backbone="resnet18",
-        width=8,
-        limit_train=1024,
-        log_every=4,
-        eval_every=0,
-        knn_bank=2000,
-        temperature=0.5,
-    ),
-    "cpu": dict(  # ~10 minutes on 2 CPU cores (README's CPU row)
-        epochs=15,
-        batch_size=256,
-        lr=1.0,
-        weight_decay=1e-4,
-        warmup_epochs=1,
-        backbone="resnet18",
-        width=16,
-        limit_train=10000,
-        log_every=20,
-        eval_every=0,
-        knn_bank=None,
-        temperature=0.5,
-    ),
-    "gpu": dict(  # the paper's CIFAR-10 recipe
-        epochs=1000,
-        batch_size=512,
-        lr=1.0,
-        weight_decay=1e-4,
-        warmup_epochs=10,
-        backbone="resnet18",
-        width=64,
-        limit_train=None,
-        log_every=50,
-        eval_every=50,
-        knn_bank=None,
-        temperature=0.5,
-    ),
+    name: {k: v[i] for k, v in _TABLE.items()} for i, name in enumerate(("tiny", "cpu", "gpu"))
 }
 
 
@@ -212,84 +184,47 @@ def main(args):
     opt = LARS(param_groups(model), peak_lr, args.momentum, args.weight_decay, args.lars_eta)
 
     feed = BatchFeed(train.images, args.batch_size, device, args.seed)
-    total = args.epochs * feed.steps_per_epoch
-    warmup = round(args.warmup_epochs * feed.steps_per_epoch)
-    step = 0
-    ckpt = resume_path(args, out)
-    if ckpt is not None:
-        state = load_checkpoint(ckpt)
-        if state["method"] != "simclr":
-            raise ConfigError(f"--resume {ckpt}: a {state['method']} checkpoint, not simclr")
-        model.backbone.load_state_dict(state["backbone"])
-        model.head.load_state_dict(state["head"])
-        opt.load_state_dict(state["optimizer"])
-        step = state["step"]
-        if D.is_main():
-            print(f"resumed from {ckpt} at step {step}")
+    run = TrainRun(
+        args,
+        out,
+        "simclr",
+        backbone=model.backbone,
+        head=model.head,
+        optimizer=opt,
+        steps_per_epoch=feed.steps_per_epoch,
+        peak_lr=peak_lr,
+    )
     ddp = D.wrap_ddp(model, device)
-    log = Logger(out, total, args.log_every, start_step=step)
-    schedule = {"kind": "warmup_cosine", "peak_lr": peak_lr, "warmup": warmup, "total": total}
-
-    def checkpoint(epoch):
-        if D.is_main():
-            save_checkpoint(
-                out / "checkpoint.pt",
-                method="simclr",
-                backbone=model.backbone,
-                head=model.head,
-                optimizer=opt,
-                scheduler=schedule,
-                step=step,
-                epoch=epoch,
-                config=vars(args),
-            )
 
     def evaluate(epoch):
-        bank = train.subset(args.knn_bank, args.seed)
-        acc = knn_top1(model.backbone, bank, test, device)
-        log.write({"step": step, "epoch": epoch, "knn_top1": acc})
+        acc = knn_top1(model.backbone, train.subset(args.knn_bank, args.seed), test, device)
+        run.log.write({"step": run.step, "epoch": epoch, "knn_top1": acc})
         if D.is_main():
             print(f"epoch {epoch} k-NN top-1 {acc:.2f}%", flush=True)
         return acc
 
-    t_start = time.time()
-    while step < total:
-        epoch = step // feed.steps_per_epoch
-        for images in feed.epoch(epoch, start_step=step % feed.steps_per_epoch):
-            gen = step_generator(args.seed, rank, step)
-            views = torch.cat([aug(images, gen), aug(images, gen)])  # [2n, 3, S, S]
-            if device.type == "cuda":
-                views = views.contiguous(memory_format=torch.channels_last)
-            lr = lr_at(step, total, warmup, peak_lr)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-                z = ddp(views)
-            z1, z2 = z.float().chunk(2)
-            loss = nt_xent_loss(z1, z2, args.temperature)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            if step % args.log_every == 0 or step == total:
-                mean_loss = D.all_reduce_mean(loss.detach()).item()
-                log.step(step, epoch, args.batch_size, loss=mean_loss, lr=lr)
-            if args.ckpt_every and step % args.ckpt_every == 0:
-                checkpoint(step // feed.steps_per_epoch)
-            if args.max_steps and step >= args.max_steps:
-                checkpoint(step // feed.steps_per_epoch)
-                return {"method": "simclr", "steps": step, "stopped": "max_steps"}
-        if args.eval_every and (epoch + 1) % args.eval_every == 0 and step < total:
+    def maybe_evaluate(epoch):
+        if args.eval_every and epoch % args.eval_every == 0:
             evaluate(epoch)
-    checkpoint(args.epochs)
-    result = {"method": "simclr", "epochs": args.epochs, "steps": step}
-    result["knn_top1"] = evaluate(args.epochs)
-    result["train_minutes"] = (time.time() - t_start) / 60
-    if D.is_main():
-        print(json.dumps(result), flush=True)
-    return result
+
+    for images in run.batches(feed, on_epoch_end=maybe_evaluate):
+        # Both views from one generator seeded by (seed, rank, step): resumable, per-rank.
+        gen = step_generator(args.seed, rank, run.step)
+        views = torch.cat([aug(images, gen), aug(images, gen)])  # [2n, 3, S, S]
+        if device.type == "cuda":
+            views = views.contiguous(memory_format=torch.channels_last)
+        lr = run.set_lr(opt)
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            z = ddp(views)  # [2n, proj_dim]
+        z1, z2 = z.float().chunk(2)  # the loss in fp32 (its log-sum-exp needs the range)
+        loss = nt_xent_loss(z1, z2, args.temperature)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        run.step_done(loss, lr=lr)
+    if run.stopped:
+        return run.finish()
+    return run.finish(knn_top1=evaluate(args.epochs))
 
 
 if __name__ == "__main__":

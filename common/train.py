@@ -192,6 +192,143 @@ class Logger:
             )
 
 
+class TrainRun:
+    """The bookkeeping every method's training loop shares, so that each script keeps only its
+    method: resume, the lr schedule, the step/epoch counters, logging, periodic and final
+    checkpoints, `--max-steps`, and a stop on a non-finite loss. Used as
+
+        run = TrainRun(args, out, "simclr", backbone=..., head=..., optimizer=opt,
+                       steps_per_epoch=feed.steps_per_epoch, peak_lr=peak_lr)
+        for images in run.batches(feed, on_epoch_end=evaluate):
+            lr = run.set_lr(opt)
+            loss = ...; loss.backward(); opt.step()
+            run.step_done(loss, lr=lr)
+        return run.finish(knn_top1=evaluate(args.epochs))
+    """
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        out: Path,
+        method: str,
+        *,
+        backbone: torch.nn.Module,
+        head: torch.nn.Module | None,
+        optimizer: torch.optim.Optimizer,
+        steps_per_epoch: int,
+        peak_lr: float,
+    ):
+        self.args, self.out, self.method = args, out, method
+        self.backbone, self.head, self.optimizer = backbone, head, optimizer
+        self.steps_per_epoch = steps_per_epoch
+        self.total = args.epochs * steps_per_epoch
+        self.warmup = round(args.warmup_epochs * steps_per_epoch)
+        self.peak_lr = peak_lr
+        self.step = 0
+        self.stopped: str | None = None
+        ckpt = resume_path(args, out)
+        if ckpt is not None:
+            self._load(ckpt)
+        self.log = Logger(out, self.total, args.log_every, start_step=self.step)
+        self.t0 = time.time()
+
+    @property
+    def epoch(self) -> int:
+        return self.step // self.steps_per_epoch
+
+    @property
+    def schedule(self) -> dict:
+        return {
+            "kind": "warmup_cosine",
+            "peak_lr": self.peak_lr,
+            "warmup": self.warmup,
+            "total": self.total,
+        }
+
+    def _load(self, path: Path) -> None:
+        from common.checkpoint import load_checkpoint
+
+        state = load_checkpoint(path)
+        if state["method"] != self.method:
+            raise ConfigError(f"--resume {path}: a {state['method']} checkpoint, not {self.method}")
+        self.backbone.load_state_dict(state["backbone"])
+        if self.head is not None:
+            self.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+        if D.is_main():
+            print(f"resumed from {path} at step {self.step}", flush=True)
+
+    def set_lr(self, optimizer: torch.optim.Optimizer) -> float:
+        """Set this step's lr (times a group's `lr_scale`, e.g. layer-wise decay); return it."""
+        lr = lr_at(self.step, self.total, self.warmup, self.peak_lr)
+        for g in optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+        return lr
+
+    def batches(self, feed: BatchFeed, on_epoch_end: Callable[[int], object] | None = None):
+        """This rank's batches from the current step to the end (or a stop); after each full
+        epoch but the last, calls on_epoch_end(number of finished epochs)."""
+        while self.step < self.total and not self.stopped:
+            for x in feed.epoch(self.epoch, start_step=self.step % self.steps_per_epoch):
+                yield x
+                if self.stopped:
+                    return
+            if on_epoch_end is not None and self.step < self.total:
+                on_epoch_end(self.epoch)
+
+    def step_done(self, loss: torch.Tensor, **metrics: float) -> None:
+        """Count the finished step; log, checkpoint or stop when due."""
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite loss ({loss.item()}) at step {self.step}; the last good "
+                f"checkpoint is {self.out / 'checkpoint.pt'}"
+            )
+        self.step += 1
+        if self.step % self.args.log_every == 0 or self.step == self.total:
+            loss_mean = D.all_reduce_mean(loss.detach().float()).item()
+            self.log.step(self.step, self.epoch, self.args.batch_size, loss=loss_mean, **metrics)
+        if self.args.ckpt_every and self.step % self.args.ckpt_every == 0:
+            self.save()
+        if self.args.max_steps and self.step >= self.args.max_steps and self.step < self.total:
+            self.save()
+            self.stopped = "max_steps"
+
+    def save(self) -> None:
+        from common.checkpoint import save_checkpoint
+
+        if D.is_main():
+            save_checkpoint(
+                self.out / "checkpoint.pt",
+                method=self.method,
+                backbone=self.backbone,
+                head=self.head,
+                optimizer=self.optimizer,
+                scheduler=self.schedule,
+                step=self.step,
+                epoch=self.epoch,
+                config=vars(self.args),
+            )
+
+    def finish(self, **results: float) -> dict:
+        """Final checkpoint (unless stopped early, which already saved) and the result line."""
+        if not self.stopped:
+            self.save()
+        result = {
+            "method": self.method,
+            "epochs": self.args.epochs,
+            "steps": self.step,
+            "train_minutes": round((time.time() - self.t0) / 60, 2),
+            **results,
+        }
+        if self.stopped:
+            result["stopped"] = self.stopped
+        self.log.write({"result": result})
+        if D.is_main():
+            print(json.dumps(result), flush=True)
+        return result
+
+
 def setup_run(args: argparse.Namespace) -> tuple[torch.device, Path]:
     """Initialise distributed, validate args, seed, create OUT; returns (device, out_dir)."""
     device = D.init_distributed(args.device)
