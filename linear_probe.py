@@ -29,7 +29,7 @@ from common import dist as D
 from common.backbones import backbone_from_config
 from common.checkpoint import load_checkpoint
 from common.data import DataError, load_split
-from common.eval import extract_features, knn_predict
+from common.eval import extract_features, input_transform, knn_predict
 
 
 def get_args_parser():
@@ -39,6 +39,12 @@ def get_args_parser():
     p.add_argument("run", help="run directory (holding checkpoint.pt) or checkpoint file")
     p.add_argument("--data", help="dataset (default: the one the checkpoint was trained on)")
     p.add_argument("--random-init", action="store_true", help="evaluate an untrained backbone")
+    p.add_argument(
+        "--layer",
+        type=int,
+        choices=[1, 2, 3, 4],
+        help="probe the pooled output of ResNet stage 1-4 instead of the final features",
+    )
     p.add_argument("--epochs", type=int, default=100, help="linear classifier epochs")
     p.add_argument("--batch-size", type=int, default=1024, help="linear classifier batch size")
     p.add_argument("--lrs", type=float, nargs="+", default=[0.01, 0.1, 1.0], help="lr sweep")
@@ -112,9 +118,13 @@ def main(args):
     data = args.data or cfg["data"]
     train = load_split(data, "train").subset(args.limit_train, args.seed)
     test = load_split(data, "test")
-    # Features are always computed with the *training* set's normalisation.
-    ftr, ytr = extract_features(backbone, train, device, mean=train.mean, std=train.std)
-    fte, yte = extract_features(backbone, test, device, mean=train.mean, std=train.std)
+    # Inputs as the method saw them (RGB normalised with the training set's statistics, or
+    # colorization's L channel), features from the last stage or from --layer.
+    prepare = input_transform(cfg, train.mean, train.std)
+    if args.layer is not None and not hasattr(backbone, "layer4"):
+        raise ValueError("--layer applies to ResNet backbones only")
+    ftr, ytr = extract_features(backbone, train, device, prepare=prepare, layer=args.layer)
+    fte, yte = extract_features(backbone, test, device, prepare=prepare, layer=args.layer)
     num_classes = len(train.classes)
     knn = knn_predict(ftr, ytr, fte, num_classes, args.knn_k, args.knn_t)
     result = {
@@ -122,7 +132,8 @@ def main(args):
         "method": state["method"],
         "random_init": args.random_init,
         "backbone": cfg["backbone"],
-        "width": cfg["width"],
+        "width": cfg.get("width"),
+        "layer": args.layer,
         "epochs": cfg.get("epochs"),
         "data": str(data),
         "knn_top1": 100.0 * (knn == yte).float().mean().item(),

@@ -66,7 +66,12 @@ def stem_for(image_size: int) -> str:
 
 
 def backbone_from_config(cfg: dict) -> nn.Module:
-    """Rebuild the backbone a checkpoint was trained with, from its saved config."""
+    """Rebuild the backbone a checkpoint was trained with, from its saved config
+    (cfg["backbone"], and "width", "stem" or "image_size", "in_chans" for ResNets)."""
+    if cfg["backbone"].startswith("vit"):
+        from common.vit import vit_from_config  # MAE's encoder
+
+        return vit_from_config(cfg)
     return build_backbone(
         cfg["backbone"],
         cfg.get("stem") or stem_for(cfg["image_size"]),

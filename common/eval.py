@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
 from common import dist as D
 from common.augment import normalize
+from common.backbones import feature_layers
 from common.data import ImageSet
+
+
+def input_transform(cfg: dict, mean, std) -> Callable[[torch.Tensor], torch.Tensor]:
+    """uint8 images [B, H, W, 3] -> the backbone's input, as the method trained it.
+
+    cfg["input"] (from the checkpoint's config): "rgb" (default; normalised with the training
+    set's mean/std) or "lab_l" (colorization: the L channel of Lab, see common/color.py).
+    """
+    kind = cfg.get("input", "rgb")
+    if kind == "rgb":
+        return partial(normalize, mean=mean, std=std)
+    if kind == "lab_l":
+        from common.color import lab_l_input
+
+        return lab_l_input
+    raise ValueError(f"unknown input kind {kind!r} in the checkpoint config")
 
 
 @torch.no_grad()
@@ -16,24 +36,27 @@ def extract_features(
     data: ImageSet,
     device: torch.device,
     batch_size: int = 512,
-    mean=None,
-    std=None,
+    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    layer: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen features [N, D] and labels [N] for a whole split, no augmentation.
 
+    prepare: uint8 batch -> model input (default: normalise with the data's mean/std).
+    layer: for ResNets, pool the output of stage 1-4 instead of the final features.
     Each rank embeds a contiguous shard and the shards are all-gathered, so N GPUs take 1/N of
     the time and every rank ends with the same full tensors (in the data's order).
     """
     was_training = model.training
     model.eval()
-    mean, std = mean or data.mean, std or data.std
+    prepare = prepare or partial(normalize, mean=data.mean, std=data.std)
     ws, rank = D.get_world_size(), D.get_rank()
     lo, hi = rank * len(data) // ws, (rank + 1) * len(data) // ws
     feats = []
     for i in range(lo, hi, batch_size):
-        x = normalize(data.images[i : min(i + batch_size, hi)].to(device), mean, std)
+        x = prepare(data.images[i : min(i + batch_size, hi)].to(device))
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            feats.append(model(x).float())
+            f = model(x) if layer is None else feature_layers(model, x)[layer - 1]
+        feats.append(f.float())
     local = torch.cat(feats) if feats else torch.zeros(0, 1, device=device)
     model.train(was_training)
     return D.all_gather_cat(local), data.labels.to(device)
@@ -62,9 +85,12 @@ def knn_predict(
     return torch.cat(preds)
 
 
-def knn_top1(model, train: ImageSet, test: ImageSet, device, k=200, temperature=0.1) -> float:
-    """k-NN top-1 (%) on `test` with `train` as the memory bank, using the training set's stats."""
-    ftr, ytr = extract_features(model, train, device, mean=train.mean, std=train.std)
-    fte, yte = extract_features(model, test, device, mean=train.mean, std=train.std)
+def knn_top1(
+    model, train: ImageSet, test: ImageSet, device, k=200, temperature=0.1, prepare=None
+) -> float:
+    """k-NN top-1 (%) on `test` with `train` as the memory bank (inputs prepared alike)."""
+    prepare = prepare or partial(normalize, mean=train.mean, std=train.std)
+    ftr, ytr = extract_features(model, train, device, prepare=prepare)
+    fte, yte = extract_features(model, test, device, prepare=prepare)
     pred = knn_predict(ftr, ytr, fte, len(train.classes), k, temperature)
     return 100.0 * (pred == yte).float().mean().item()

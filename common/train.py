@@ -314,12 +314,22 @@ class TrainRun:
         """Final checkpoint (unless stopped early, which already saved) and the result line."""
         if not self.stopped:
             self.save()
+        seconds = time.time() - self.t0
+        n_params = sum(
+            p.numel() for m in (self.backbone, self.head) if m is not None for p in m.parameters()
+        )
         result = {
             "method": self.method,
             "epochs": self.args.epochs,
             "steps": self.step,
-            "train_minutes": round((time.time() - self.t0) / 60, 2),
             **results,
+            # Efficiency (this process; the images/s of the whole job, all ranks together)
+            "train_minutes": round(seconds / 60, 2),
+            "img_per_s": round(
+                (self.step - self.log.s0) * self.args.batch_size / max(seconds, 1e-9), 1
+            ),
+            "peak_mem_gib": round(peak_memory_gib(), 3),
+            "params_m": round(n_params / 1e6, 3),
         }
         if self.stopped:
             result["stopped"] = self.stopped
@@ -327,6 +337,15 @@ class TrainRun:
         if D.is_main():
             print(json.dumps(result), flush=True)
         return result
+
+
+def peak_memory_gib() -> float:
+    """Peak memory of this process: CUDA max allocated on a GPU, else the peak RSS."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def setup_run(args: argparse.Namespace) -> tuple[torch.device, Path]:
