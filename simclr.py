@@ -218,6 +218,8 @@ def main(args):
             z = ddp(views)  # [2n, proj_dim]
         z1, z2 = z.float().chunk(2)  # the loss in fp32 (its log-sum-exp needs the range)
         loss = nt_xent_loss(z1, z2, args.temperature)
+        if run.nonfinite(loss):  # stops the run, or skips this update with --skip-nonfinite
+            continue
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -14,6 +14,10 @@ import torch
 import torch.distributed as dist
 
 
+class DistInitError(RuntimeError):
+    """This rank could not join the process group (unreachable master, missing ranks)."""
+
+
 def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -56,9 +60,9 @@ def init_distributed(device: str | None = None, timeout_s: int = 600) -> torch.d
         except Exception as e:  # a rank that cannot reach the others says so plainly
             addr = os.environ.get("MASTER_ADDR", "?")
             port = os.environ.get("MASTER_PORT", "?")
-            raise RuntimeError(
+            raise DistInitError(
                 f"rank {os.environ.get('RANK')} could not join the process group at "
-                f"{addr}:{port} ({backend}): {e}"
+                f"{addr}:{port} ({backend}) within {timeout_s} s: {e}"
             ) from e
     return dev
 

@@ -7,7 +7,12 @@ The command-line contract (the same for every method):
   --preset NAME    tiny (tests, < 1 min on 2 CPU cores) | cpu (~10 min CPU budget) |
                    gpu (the paper's recipe; the default when a GPU is present)
   --epochs --batch-size (global) --lr --backbone --width --seed   override the preset
-  --resume [CKPT]  continue DIR/checkpoint.pt (or CKPT)
+  --resume [CKPT]  continue DIR/checkpoint.pt (or CKPT); a run directory that already holds a
+                   checkpoint is resumed automatically (--fresh starts over)
+
+Exit codes: 0 done; 2 bad config or data (nothing trained); 3 non-finite loss (the last good
+checkpoint is kept); 75 preempted by SIGTERM/SIGINT (a checkpoint of the last finished step was
+written: rerun the same command to continue).
 """
 
 from __future__ import annotations
@@ -15,7 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,12 +34,33 @@ from torch.utils.data import DistributedSampler
 from common import dist as D
 from common.data import DEFAULT_DATA, DataError
 
+EXIT_CONFIG, EXIT_NONFINITE, EXIT_PREEMPTED = 2, 3, 75
+# Config keys that may change when a run is resumed (everything else must match).
+RESUMABLE_CHANGES = {
+    "out",
+    "resume",
+    "fresh",
+    "device",
+    "preset",
+    "log_every",
+    "eval_every",
+    "ckpt_every",
+    "max_steps",
+    "keep_last",
+    "data",
+    "knn_bank",
+    "dist_timeout",
+    "skip_nonfinite",
+}
+
 
 class ConfigError(ValueError):
     """A bad command-line value, reported before any work starts."""
 
 
-def base_parser(method: str, description: str) -> argparse.ArgumentParser:
+def base_parser(
+    method: str, description: str, backbones: tuple[str, ...] = ("resnet18", "resnet50")
+) -> argparse.ArgumentParser:
     """The flags every method shares. Preset-controlled flags default to None (= take preset)."""
     p = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -46,7 +75,7 @@ def base_parser(method: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="base learning rate (scaled with the global batch)")
     p.add_argument("--weight-decay", type=float, help="weight decay")
     p.add_argument("--warmup-epochs", type=float, help="linear warm-up epochs before cosine decay")
-    p.add_argument("--backbone", choices=["resnet18", "resnet50"], help="encoder architecture")
+    p.add_argument("--backbone", choices=backbones, help="encoder architecture")
     p.add_argument("--width", type=int, help="ResNet stem width (64 = standard; 8-16 for CPU)")
     p.add_argument("--crop-size", type=int, help="training crop side (default: the image size)")
     p.add_argument("--limit-train", type=int, help="use a fixed random subset of N train images")
@@ -60,6 +89,16 @@ def base_parser(method: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--knn-bank", type=int, help="train images in the k-NN bank (default: all)")
     p.add_argument("--ckpt-every", type=int, default=0, help="also checkpoint every N steps")
     p.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after N steps in all")
+    p.add_argument("--keep-last", type=int, default=1, help="also keep the last K step checkpoints")
+    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
+    p.add_argument(
+        "--skip-nonfinite",
+        action="store_true",
+        help="skip a step with a non-finite loss (default: stop)",
+    )
+    p.add_argument(
+        "--dist-timeout", type=int, default=600, help="seconds before a collective fails"
+    )
     return p
 
 
@@ -77,7 +116,7 @@ def apply_preset(args: argparse.Namespace, presets: dict[str, dict]) -> argparse
 
 def check_args(args: argparse.Namespace, world_size: int) -> None:
     """Reject invalid numbers before any work starts."""
-    positive = ["epochs", "batch_size", "width", "log_every"]
+    positive = ["epochs", "batch_size", "width", "log_every", "keep_last", "dist_timeout"]
     for k in positive:
         v = getattr(args, k, None)
         if v is not None and v <= 0:
@@ -97,15 +136,21 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
 
 
 def run_cli(main: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> None:
-    """Run main(args); bad data or config end with one line `error: ...` and exit code 2."""
+    """Run main(args) and map failures to one clear line and an exit code (module doc)."""
+    code = 0
     try:
-        main(args)
-    except (DataError, ConfigError) as e:
+        result = main(args)
+        if isinstance(result, dict) and result.get("stopped") == "preempted":
+            code = EXIT_PREEMPTED
+    except (DataError, ConfigError, D.DistInitError) as e:
         print(f"error: {e}", file=sys.stderr)
-        D.cleanup()
-        sys.exit(2)
+        code = EXIT_CONFIG
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = EXIT_NONFINITE
     finally:
         D.cleanup()
+    sys.exit(code)
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
@@ -226,11 +271,15 @@ class TrainRun:
         self.peak_lr = peak_lr
         self.step = 0
         self.stopped: str | None = None
+        self.skipped = 0
+        self._checked = False
         ckpt = resume_path(args, out)
         if ckpt is not None:
             self._load(ckpt)
+        self._signal: int | None = None
+        self._install_signal_handlers()
         self.log = Logger(out, self.total, args.log_every, start_step=self.step)
-        self.t0 = time.time()
+        self.t0 = self.t_last_step = time.time()
 
     @property
     def epoch(self) -> int:
@@ -251,13 +300,81 @@ class TrainRun:
         state = load_checkpoint(path)
         if state["method"] != self.method:
             raise ConfigError(f"--resume {path}: a {state['method']} checkpoint, not {self.method}")
+        now = vars(self.args)
+        diff = [
+            f"{k}: checkpoint {state['config'].get(k)!r}, now {now.get(k)!r}"
+            for k in sorted(set(state["config"]) | set(now))
+            if k not in RESUMABLE_CHANGES and state["config"].get(k) != now.get(k)
+        ]
+        if diff:
+            raise ConfigError(
+                f"cannot resume {path}: its config differs ({'; '.join(diff)}). "
+                "Use the same flags, another --out, or --fresh to start over"
+            )
         self.backbone.load_state_dict(state["backbone"])
         if self.head is not None:
             self.head.load_state_dict(state["head"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
+        if D.get_rank() == 0:  # augmentation streams derive from (seed, rank, step); these
+            from common.checkpoint import set_rng_state  # cover any other use of the globals
+
+            set_rng_state(state["rng"])
         if D.is_main():
             print(f"resumed from {path} at step {self.step}", flush=True)
+
+    def _install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT (how SLURM and others preempt) ask for a stop after the current step;
+        a second SIGINT interrupts at once."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum, frame):
+            if self._signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._signal = signum
+            if D.is_main():
+                print(
+                    f"received {signal.Signals(signum).name}: stopping after this step", flush=True
+                )
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, handler)
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True if `flag` is true on any rank (all ranks must take the same branch)."""
+        if D.get_world_size() == 1:
+            return flag
+        dev = (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_initialized()
+            else "cpu"
+        )
+        t = torch.tensor([float(flag)], device=dev)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+
+    def nonfinite(self, loss: torch.Tensor) -> bool:
+        """Call before backward. False for a finite loss. Otherwise stops the run (exit code 3,
+        the last checkpoint untouched) or, with --skip-nonfinite, counts the step as skipped
+        and returns True: the caller then `continue`s without an update."""
+        self._checked = True
+        if not self._any_rank(not bool(torch.isfinite(loss.detach()).all())):
+            return False
+        if not self.args.skip_nonfinite:
+            raise FloatingPointError(
+                f"non-finite loss at step {self.step} (epoch {self.epoch}); stopped, the last "
+                f"good checkpoint is {self.out / 'checkpoint.pt'} (--skip-nonfinite skips such steps)"
+            )
+        self.skipped += 1
+        self.log.write({"step": self.step, "skipped_nonfinite": self.skipped})
+        if D.is_main():
+            print(
+                f"step {self.step}: non-finite loss, update skipped ({self.skipped} so far)",
+                flush=True,
+            )
+        self.step += 1
+        return True
 
     def set_lr(self, optimizer: torch.optim.Optimizer) -> float:
         """Set this step's lr (times a group's `lr_scale`, e.g. layer-wise decay); return it."""
@@ -279,42 +396,55 @@ class TrainRun:
 
     def step_done(self, loss: torch.Tensor, **metrics: float) -> None:
         """Count the finished step; log, checkpoint or stop when due."""
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite loss ({loss.item()}) at step {self.step}; the last good "
-                f"checkpoint is {self.out / 'checkpoint.pt'}"
-            )
+        if not self._checked:  # the script did not call nonfinite() before its update
+            self.nonfinite(loss)
+        self._checked = False
         self.step += 1
+        self.t_last_step = time.time()
         if self.step % self.args.log_every == 0 or self.step == self.total:
             loss_mean = D.all_reduce_mean(loss.detach().float()).item()
-            self.log.step(self.step, self.epoch, self.args.batch_size, loss=loss_mean, **metrics)
+            epoch = (self.step - 1) // self.steps_per_epoch  # the epoch this step belonged to
+            self.log.step(self.step, epoch, self.args.batch_size, loss=loss_mean, **metrics)
         if self.args.ckpt_every and self.step % self.args.ckpt_every == 0:
             self.save()
         if self.args.max_steps and self.step >= self.args.max_steps and self.step < self.total:
             self.save()
             self.stopped = "max_steps"
+        elif self._any_rank(self._signal is not None) and self.step < self.total:
+            self.save()
+            self.stopped = "preempted"
 
     def save(self) -> None:
+        """OUT/checkpoint.pt (atomic), plus OUT/checkpoint-STEP.pt for the last --keep-last > 1."""
         from common.checkpoint import save_checkpoint
 
-        if D.is_main():
-            save_checkpoint(
-                self.out / "checkpoint.pt",
-                method=self.method,
-                backbone=self.backbone,
-                head=self.head,
-                optimizer=self.optimizer,
-                scheduler=self.schedule,
-                step=self.step,
-                epoch=self.epoch,
-                config=vars(self.args),
-            )
+        if not D.is_main():
+            return
+        path = self.out / "checkpoint.pt"
+        save_checkpoint(
+            path,
+            method=self.method,
+            backbone=self.backbone,
+            head=self.head,
+            optimizer=self.optimizer,
+            scheduler=self.schedule,
+            step=self.step,
+            epoch=self.epoch,
+            config=vars(self.args),
+        )
+        if self.args.keep_last > 1:  # a hard link: no second write, and atomic
+            kept = self.out / f"checkpoint-{self.step:08d}.pt"
+            kept.unlink(missing_ok=True)
+            os.link(path, kept)
+            for old in sorted(self.out.glob("checkpoint-*.pt"))[: -self.args.keep_last]:
+                old.unlink()
 
     def finish(self, **results: float) -> dict:
         """Final checkpoint (unless stopped early, which already saved) and the result line."""
         if not self.stopped:
             self.save()
         seconds = time.time() - self.t0
+        images = (self.step - self.log.s0) * self.args.batch_size  # trained this session
         n_params = sum(
             p.numel() for m in (self.backbone, self.head) if m is not None for p in m.parameters()
         )
@@ -325,14 +455,14 @@ class TrainRun:
             **results,
             # Efficiency (this process; the images/s of the whole job, all ranks together)
             "train_minutes": round(seconds / 60, 2),
-            "img_per_s": round(
-                (self.step - self.log.s0) * self.args.batch_size / max(seconds, 1e-9), 1
-            ),
+            "img_per_s": round(images / max(self.t_last_step - self.t0, 1e-9), 1),  # training
             "peak_mem_gib": round(peak_memory_gib(), 3),
             "params_m": round(n_params / 1e6, 3),
         }
         if self.stopped:
             result["stopped"] = self.stopped
+        if self.skipped:
+            result["skipped_nonfinite"] = self.skipped
         self.log.write({"result": result})
         if D.is_main():
             print(json.dumps(result), flush=True)
@@ -350,8 +480,9 @@ def peak_memory_gib() -> float:
 
 def setup_run(args: argparse.Namespace) -> tuple[torch.device, Path]:
     """Initialise distributed, validate args, seed, create OUT; returns (device, out_dir)."""
-    device = D.init_distributed(args.device)
-    check_args(args, D.get_world_size())
+    check_args(args, int(os.environ.get("WORLD_SIZE", "1")))  # before any work
+    device = D.init_distributed(args.device, timeout_s=getattr(args, "dist_timeout", 600))
+    check_same_config(args)
     out = Path(args.out)
     if D.is_main():
         out.mkdir(parents=True, exist_ok=True)
@@ -367,10 +498,34 @@ def setup_run(args: argparse.Namespace) -> tuple[torch.device, Path]:
     return device, out
 
 
+def check_same_config(args: argparse.Namespace) -> None:
+    """Every rank must run the same config (a stale copy of a script or a differing flag on one
+    node would otherwise train something nobody asked for). All ranks raise alike."""
+    if D.get_world_size() == 1:
+        return
+    mine = {k: v for k, v in vars(args).items() if k != "device"}
+    configs = [None] * D.get_world_size()
+    torch.distributed.all_gather_object(configs, mine)
+    for rank, cfg in enumerate(configs):
+        diff = sorted(k for k in set(cfg) | set(configs[0]) if cfg.get(k) != configs[0].get(k))
+        if diff:
+            detail = ", ".join(f"{k}={configs[0].get(k)!r} vs {cfg.get(k)!r}" for k in diff)
+            raise ConfigError(f"rank {rank} runs a different config than rank 0: {detail}")
+
+
 def resume_path(args: argparse.Namespace, out: Path) -> Path | None:
-    if not args.resume:
+    """The checkpoint to resume: --resume [CKPT], or OUT/checkpoint.pt when it exists (a rerun
+    of a preempted job continues by itself) unless --fresh."""
+    if args.resume and args.resume != "auto":
+        path = Path(args.resume)
+        if not path.exists():
+            raise ConfigError(f"--resume: no checkpoint at {path}")
+        return path
+    path = out / "checkpoint.pt"
+    if getattr(args, "fresh", False):
         return None
-    path = out / "checkpoint.pt" if args.resume == "auto" else Path(args.resume)
-    if not path.exists():
+    if path.exists():
+        return path
+    if args.resume:
         raise ConfigError(f"--resume: no checkpoint at {path}")
-    return path
+    return None

@@ -161,9 +161,22 @@ def test_torchrun_two_processes(cifar_tar, tmp_path):
     """The script itself under torchrun (2 CPU ranks, gloo): DDP, sharded sampler, global BN,
     rank-0 logging and checkpointing, the distributed k-NN feature gather."""
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
-        "simclr.py", "--preset", "tiny", "--data", cifar_tar, "--out", str(tmp_path),
-        "--device", "cpu", "--epochs", "1",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        "simclr.py",
+        "--preset",
+        "tiny",
+        "--data",
+        cifar_tar,
+        "--out",
+        str(tmp_path),
+        "--device",
+        "cpu",
+        "--epochs",
+        "1",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
