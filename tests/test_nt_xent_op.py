@@ -1,0 +1,569 @@
+"""The fused NT-Xent op (csrc/, common/nt_xent_op.py) against the fp64 reference.
+
+Every comparison runs common.losses.nt_xent_reference on fp64 copies of the *same* (already
+rounded) inputs, with a random per-row weight as the incoming gradient, and checks the loss and
+both gradients (rows and cols). Tolerances, as max |err| / max |ref| over the tensor:
+  fp64: 1e-10; fp32: 2e-5 (loss: 1e-5 absolute); bf16/fp16: loss 1e-4 absolute (computed in
+  fp32 from the bf16 values), gradients 1.5e-2 (they are returned in bf16: 2^-8 relative rounding,
+  plus the bf16 G tiles of the CUDA tensor-core path).
+Skips cleanly when the extension is not built (python setup.py build_ext --inplace); the CUDA
+tests (all named *cuda*) skip without a GPU or without CUDA kernels in the build.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from common import losses
+from common import nt_xent_op as op
+from common.losses import nt_xent_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+
+needs_ext = pytest.mark.skipif(
+    not op.available("cpu"), reason=f"fused NT-Xent op not built: {op.load_error()}"
+)
+needs_cuda = pytest.mark.skipif(
+    not (torch.cuda.is_available() and op.available("cuda")),
+    reason="no GPU, or the extension was built without CUDA kernels",
+)
+
+TOL = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 2e-5),
+    torch.bfloat16: (1e-4, 1.5e-2),
+    torch.float16: (1e-4, 1.5e-2),
+}
+
+
+def make_case(
+    R: int, C: int, d: int, scale: float = 1.0, seed: int = 0
+) -> tuple[torch.Tensor, ...]:
+    """rows [R, d], cols [C, d] with per-vector norms spread over ~[0.3, 3] * scale, random
+    positives, self columns distinct from them, and a random per-row incoming gradient."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randn(R, d, generator=g, dtype=torch.float64)
+    rows = rows * (0.3 + 2.7 * torch.rand(R, 1, generator=g, dtype=torch.float64)) * scale
+    cols = torch.randn(C, d, generator=g, dtype=torch.float64)
+    cols = cols * (0.3 + 2.7 * torch.rand(C, 1, generator=g, dtype=torch.float64)) * scale
+    pos = torch.randint(0, C, (R,), generator=g)
+    self_idx = torch.randint(0, C, (R,), generator=g)
+    self_idx = torch.where(self_idx == pos, (pos + 1) % C, self_idx)
+    weight = torch.randn(R, generator=g, dtype=torch.float64)
+    return rows, cols, pos, self_idx, weight
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def run_both(rows, cols, pos, self_idx, weight, T, dtype, device):
+    """(loss, grad_rows, grad_cols) of the op in `dtype` on `device`, and of the fp64 reference
+    on the same rounded inputs."""
+    r = rows.to(device, dtype).requires_grad_()
+    c = cols.to(device, dtype).requires_grad_()
+    p, s = pos.to(device), self_idx.to(device)
+    loss = op.nt_xent_fused(r, c, p, s, T)
+    assert loss.shape == (rows.shape[0],)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    (loss * weight.to(device, loss.dtype)).sum().backward()
+    assert r.grad.dtype == dtype and c.grad.dtype == dtype
+    r64 = r.detach().cpu().double().requires_grad_()
+    c64 = c.detach().cpu().double().requires_grad_()
+    ref = nt_xent_reference(r64, c64, pos, self_idx, T)
+    (ref * weight).sum().backward()
+    return (loss.detach().cpu(), r.grad.cpu(), c.grad.cpu()), (ref.detach(), r64.grad, c64.grad)
+
+
+def check(rows, cols, pos, self_idx, weight, T, dtype, device):
+    (loss, gr, gc), (ref, rr, rc) = run_both(rows, cols, pos, self_idx, weight, T, dtype, device)
+    loss_tol, grad_tol = TOL[dtype]
+    assert torch.isfinite(loss).all()
+    assert (loss.double() - ref).abs().max().item() <= loss_tol * max(1.0, ref.abs().max().item())
+    assert rel_err(gr, rr) <= grad_tol, f"grad rows rel err {rel_err(gr, rr):.2e}"
+    assert rel_err(gc, rc) <= grad_tol, f"grad cols rel err {rel_err(gc, rc):.2e}"
+
+
+# (R, C, d, T, norm scale): tiny, smaller than one tile, odd sizes, d not a multiple of 8,
+# sizes crossing the CPU (128 x 512) and CUDA (64 x 64) tile edges, large and small norms.
+CASES = [
+    (1, 2, 1, 0.5, 1.0),
+    (5, 7, 3, 0.05, 1.0),
+    (37, 129, 13, 0.1, 1.0),
+    (130, 515, 37, 1.0, 1e3),
+    (200, 1030, 20, 0.07, 1e-3),
+    (64, 64, 128, 0.2, 30.0),
+]
+CASE_IDS = [f"R{c[0]}-C{c[1]}-d{c[2]}-T{c[3]}-s{c[4]:g}" for c in CASES]
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("R,C,d,T,scale", CASES, ids=CASE_IDS)
+def test_matches_reference_cpu(R, C, d, T, scale, dtype):
+    rows, cols, pos, self_idx, weight = make_case(R, C, d, scale, seed=R + C + d)
+    check(rows, cols, pos, self_idx, weight, T, dtype, "cpu")
+
+
+@needs_ext
+def test_fp64_cpu_exact():
+    rows, cols, pos, self_idx, weight = make_case(70, 600, 9, 3.0, seed=1)
+    check(rows, cols, pos, self_idx, weight, 0.1, torch.float64, "cpu")
+
+
+@needs_ext
+def test_simclr_layout_rows_are_cols_cpu():
+    """World size 1: cols *is* rows (the same tensor), both gradients flow into it."""
+    n, d, T = 45, 17, 0.2
+    z = torch.randn(2 * n, d, dtype=torch.float64) * 4
+    pos, self_idx = losses.simclr_layout(n, 0, z.device)
+    w = torch.rand(2 * n, dtype=torch.float64)
+    x = z.float().requires_grad_()
+    (op.nt_xent_fused(x, x, pos, self_idx, T) * w.float()).sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    (nt_xent_reference(x64, x64, pos, self_idx, T) * w).sum().backward()
+    assert rel_err(x.grad, x64.grad) <= 2e-5
+
+
+@needs_ext
+def test_zero_norm_and_extreme_temperature_cpu():
+    """A zero vector (normalised by the clamped eps, Jacobian I / eps) and T = 0.05 with large
+    logits: still finite and equal to the reference."""
+    rows, cols, pos, self_idx, weight = make_case(20, 40, 6, 1.0, seed=3)
+    cols[pos[0] + 1 if pos[0] + 1 < 40 and pos[0] + 1 != self_idx[0] else 0] = 0.0
+    rows[3] = 0.0
+    check(rows, cols, pos, self_idx, weight, 0.05, torch.float64, "cpu")
+
+
+@needs_ext
+def test_self_column_gets_exactly_zero_weight_cpu():
+    """The self column must not leak: changing cols[self_idx] changes neither the loss nor
+    grad_rows (a large negative constant instead of -inf would leak at small T / large logits)."""
+    rows, cols, pos, self_idx, weight = make_case(8, 16, 5, 1.0, seed=4)
+    rows, cols = rows.float(), cols.float()
+    self_idx[:] = 3
+    pos = torch.where(pos == 3, torch.full_like(pos, 4), pos)
+    cols2 = cols.clone()
+    cols2[3] = rows[0] * 1e3  # would dominate every softmax if it were a candidate
+    out = []
+    for c in (cols, cols2):
+        r = rows.clone().requires_grad_()
+        loss = op.nt_xent_fused(r, c, pos, self_idx, 0.05)
+        loss.sum().backward()
+        out.append((loss.detach(), r.grad))
+    assert torch.equal(out[0][0], out[1][0]) or torch.allclose(out[0][0], out[1][0], atol=1e-6)
+    assert torch.allclose(out[0][1], out[1][1], atol=1e-6)
+
+
+@needs_ext
+def test_incoming_gradient_is_used_cpu():
+    """grad w.r.t. rows of sum(w * loss) is linear in w (not the mean's 1/R assumed)."""
+    rows, cols, pos, self_idx, _ = make_case(30, 50, 8, 1.0, seed=5)
+    grads = []
+    for w in (torch.ones(30), 2.5 * torch.ones(30), torch.zeros(30)):
+        r = rows.float().requires_grad_()
+        (op.nt_xent_fused(r, cols.float(), pos, self_idx, 0.3) * w).sum().backward()
+        grads.append(r.grad)
+    assert torch.allclose(grads[1], 2.5 * grads[0], rtol=1e-5, atol=1e-7)
+    assert torch.count_nonzero(grads[2]) == 0
+
+
+@needs_ext
+def test_deterministic_cpu():
+    """Bitwise identical results run to run and for 1 vs 2 threads (no atomics, fixed tiling)."""
+    rows, cols, pos, self_idx, weight = make_case(300, 1100, 32, 1.0, seed=6)
+    nthreads = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (nthreads, nthreads, 1):
+            torch.set_num_threads(threads)
+            r, c = rows.float().requires_grad_(), cols.float().requires_grad_()
+            loss = op.nt_xent_fused(r, c, pos, self_idx, 0.1)
+            (loss * weight.float()).sum().backward()
+            outs.append((loss.detach(), r.grad, c.grad))
+    finally:
+        torch.set_num_threads(nthreads)
+    for o in outs[1:]:
+        for a, b in zip(outs[0], o):
+            assert torch.equal(a, b)
+
+
+@needs_ext
+def test_input_validation_cpu():
+    r, c = torch.randn(4, 3), torch.randn(6, 3)
+    pos, s = torch.tensor([1, 2, 3, 4]), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(RuntimeError, match="out of range"):
+        op.nt_xent_fused(r, c, torch.tensor([1, 2, 3, 6]), s, 0.1)
+    with pytest.raises(RuntimeError, match="differ in d"):
+        op.nt_xent_fused(r, torch.randn(6, 4), pos, s, 0.1)
+    with pytest.raises(RuntimeError, match="temperature"):
+        op.nt_xent_fused(r, c, pos, s, 0.0)
+
+
+@needs_ext
+def test_gradcheck_fp64_cpu():
+    rows, cols, pos, self_idx, weight = make_case(4, 6, 3, 1.0, seed=7)
+    r, c = rows.requires_grad_(), cols.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda a, b: op.nt_xent_fused(a, b, pos, self_idx, 0.3) * weight, (r, c)
+    )
+
+
+def _opcheck_inputs(device: str, dtype: torch.dtype, requires_grad: bool):
+    rows, cols, pos, self_idx, weight = make_case(9, 13, 5, 1.0, seed=8)
+    r = rows.to(device, dtype).requires_grad_(requires_grad)
+    c = cols.to(device, dtype).requires_grad_(requires_grad)
+    return r, c, pos.to(device), self_idx.to(device), weight.to(device)
+
+
+def _opcheck(device: str):
+    for dtype in (torch.float32, torch.float64):
+        r, c, p, s, w = _opcheck_inputs(device, dtype, True)
+        torch.library.opcheck(torch.ops.ssl_ops.nt_xent_fwd.default, (r, c, p, s, 0.25))
+        with torch.no_grad():
+            _, lse, inv_r, inv_c = torch.ops.ssl_ops.nt_xent_fwd(r, c, p, s, 0.25)
+        g = w.to(lse.dtype)
+        torch.library.opcheck(
+            torch.ops.ssl_ops.nt_xent_bwd.default,
+            (g, r.detach(), c.detach(), p, s, lse, inv_r, inv_c, 0.25),
+        )
+
+
+@needs_ext
+def test_opcheck_cpu():
+    _opcheck("cpu")
+
+
+def _compile_check(device: str, backend: str):
+    torch._dynamo.reset()
+    rows, cols, pos, self_idx, weight = make_case(33, 70, 12, 1.0, seed=9)
+    rows, cols, weight = rows.float(), cols.float(), weight.float()
+    pos, self_idx, weight = pos.to(device), self_idx.to(device), weight.to(device)
+
+    def f(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return (op.nt_xent_fused(r, c, pos, self_idx, 0.2) * weight).sum()
+
+    cf = torch.compile(f, fullgraph=True, backend=backend)
+    grads = []
+    for fn in (f, cf):
+        r = rows.to(device).requires_grad_()
+        c = cols.to(device).requires_grad_()
+        out = fn(r, c)
+        out.backward()
+        grads.append((out.detach(), r.grad, c.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@needs_ext
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_cpu(backend):
+    _compile_check("cpu", backend)
+
+
+# ---- the dispatcher in common.losses (SSL_NT_XENT) ----
+
+
+def _small_inputs():
+    rows, cols, pos, self_idx, _ = make_case(6, 10, 4, 1.0, seed=10)
+    return rows.float(), cols.float(), pos, self_idx
+
+
+def test_dispatch_ref_never_calls_the_op(monkeypatch):
+    monkeypatch.setenv("SSL_NT_XENT", "ref")
+
+    def boom(*a, **k):
+        raise AssertionError("the op must not be called with SSL_NT_XENT=ref")
+
+    monkeypatch.setattr(op, "nt_xent_fused", boom)
+    out = losses.nt_xent_rows(*_small_inputs(), 0.1)
+    assert out.shape == (6,)
+
+
+def test_dispatch_ext_fails_loudly_when_missing(monkeypatch):
+    monkeypatch.setenv("SSL_NT_XENT", "ext")
+    monkeypatch.setattr(op, "available", lambda device: False)
+    with pytest.raises(RuntimeError, match="SSL_NT_XENT=ext"):
+        losses.nt_xent_rows(*_small_inputs(), 0.1)
+
+
+def test_dispatch_auto_falls_back_to_reference(monkeypatch):
+    monkeypatch.setenv("SSL_NT_XENT", "auto")
+    monkeypatch.setattr(op, "available", lambda device: False)
+    rows, cols, pos, self_idx = _small_inputs()
+    out = losses.nt_xent_rows(rows, cols, pos, self_idx, 0.1)
+    assert torch.equal(out, nt_xent_reference(rows, cols, pos, self_idx, 0.1))
+
+
+def test_dispatch_rejects_unknown_value(monkeypatch):
+    monkeypatch.setenv("SSL_NT_XENT", "fast")
+    with pytest.raises(ValueError, match="SSL_NT_XENT"):
+        losses.nt_xent_rows(*_small_inputs(), 0.1)
+
+
+def test_available_is_false_when_not_loaded(monkeypatch):
+    monkeypatch.setattr(op, "_LOAD_ERROR", "ImportError: test")
+    assert not op.available("cpu") and not op.available("cuda")
+    assert "test" in op.load_error()
+
+
+@needs_ext
+@pytest.mark.parametrize("impl", ["ext", "auto"])
+def test_dispatch_uses_the_op(monkeypatch, impl):
+    monkeypatch.setenv("SSL_NT_XENT", impl)
+    calls = []
+    real = op.nt_xent_fused
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(op, "nt_xent_fused", spy)
+    rows, cols, pos, self_idx = _small_inputs()
+    out = losses.nt_xent_rows(rows, cols, pos, self_idx, 0.1)
+    assert calls == [1]
+    torch.testing.assert_close(out, nt_xent_reference(rows, cols, pos, self_idx, 0.1))
+
+
+@needs_ext
+def test_nt_xent_loss_ext_equals_ref(monkeypatch):
+    """The training-script entry point (z1, z2 -> mean loss) gives the same loss and input
+    gradients through the op and through the reference."""
+    g = torch.Generator().manual_seed(11)
+    z1, z2 = torch.randn(24, 16, generator=g) * 3, torch.randn(24, 16, generator=g)
+    out = {}
+    for impl in ("ext", "ref"):
+        monkeypatch.setenv("SSL_NT_XENT", impl)
+        a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+        loss = losses.nt_xent_loss(a, b, 0.1)
+        loss.backward()
+        out[impl] = (loss.detach(), a.grad, b.grad)
+    for x, y in zip(out["ext"], out["ref"]):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+# ---- memory: O(B d), never R x C ----
+
+_MEM_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    from common import nt_xent_op as op
+    from common.losses import nt_xent_reference
+
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024  # kB -> bytes
+        raise KeyError(key)
+
+    impl, n, d = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    f = op.nt_xent_fused if impl == "op" else nt_xent_reference
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(n, d, generator=g).requires_grad_()
+    cols = torch.randn(n, d, generator=g).requires_grad_()
+    i = torch.arange(n)
+    pos, self_idx = (i + n // 2) % n, i
+    # warm-up at a small size: thread pools, BLAS buffers, lazy initialisation
+    f(rows[:256], cols[:256], pos[:256] % 256, self_idx[:256], 0.1).sum().backward()
+    rows.grad = cols.grad = None
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # reset the peak-RSS counter (VmHWM) to the current RSS
+    base = status("VmRSS:")
+    loss = f(rows, cols, pos, self_idx, 0.1)
+    loss.mean().backward()
+    print(status("VmHWM:") - base)
+    """
+)
+
+
+def _peak_extra_bytes(impl: str, n: int, d: int) -> int:
+    # every allocation >= 64 KiB via mmap: freed memory leaves the RSS, peaks are not hidden
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MALLOC_MMAP_THRESHOLD_="65536")
+    res = subprocess.run(
+        [sys.executable, "-c", _MEM_SCRIPT, impl, str(n), str(d)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+    )
+    if res.returncode != 0 and "clear_refs" in res.stderr:
+        pytest.skip("cannot reset VmHWM (/proc/self/clear_refs) on this kernel")
+    assert res.returncode == 0, res.stderr
+    return int(res.stdout.strip().splitlines()[-1])
+
+
+@needs_ext
+def test_memory_is_O_Bd_at_16k_cpu():
+    """2N = 16,384, d = 128: forward + backward of the op needs far less than the 1 GiB a single
+    16k x 16k fp32 logit matrix takes. The grads of rows and cols alone are 2 x 8 MiB."""
+    extra = _peak_extra_bytes("op", 16384, 128)
+    assert extra < 128 * 2**20, f"peak extra RSS {extra / 2**20:.1f} MiB"
+    # The measurement itself can see an R x C allocation: the reference at 2N = 4096 needs at
+    # least one 4k x 4k fp32 matrix (64 MiB).
+    ref_extra = _peak_extra_bytes("ref", 4096, 128)
+    assert ref_extra > 64 * 2**20, f"reference peak extra RSS {ref_extra / 2**20:.1f} MiB"
+
+
+# ---- the CUDA kernels, emulated on the CPU (csrc/emu/nt_xent_emu.cpp) ----
+# The same kernel source as the extension's CUDA path (csrc/nt_xent_kernels.cuh), compiled by the
+# host compiler with 128 threads + barriers per block and an emulated WMMA: checks the GPU code's
+# tiling, shared-memory layout, barriers and tensor-core operand layouts without a GPU.
+
+
+@pytest.fixture(scope="module")
+def emu_ops():
+    from torch.utils.cpp_extension import is_ninja_available, load
+
+    if not is_ninja_available():
+        pytest.skip(
+            "the GPU-kernel emulator is built with torch.utils.cpp_extension.load: no ninja"
+        )
+
+    build = ROOT / "build" / "emu"
+    build.mkdir(parents=True, exist_ok=True)
+    load(
+        name="ntx_emu",
+        sources=[str(ROOT / "csrc" / "emu" / "nt_xent_emu.cpp")],
+        extra_include_paths=[str(ROOT / "csrc")],
+        extra_cflags=["-O2", "-std=c++20", "-fno-strict-aliasing"],
+        build_directory=str(build),
+        is_python_module=False,
+        verbose=False,
+    )
+    return torch.ops.ssl_ops_emu
+
+
+# small (one tile, padding everywhere), odd (crossing the 64-row / 64-column tiles, d = 37: the
+# scalar loads) and d = 64 (16-byte vector loads, two d-chunks of the WMMA k-loop); every dtype on
+# the odd case (fp64/fp32: SIMT path, bf16/fp16: tensor-core path).
+_BF, _HF, _F32, _F64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
+EMU_CASES = [
+    (5, 7, 3, 0.5, _BF),
+    (5, 7, 3, 0.5, _F32),
+    (70, 130, 37, 0.1, _F64),
+    (70, 130, 37, 0.1, _F32),
+    (70, 130, 37, 0.1, _BF),
+    (70, 130, 37, 0.1, _HF),
+    (65, 129, 64, 0.07, _BF),
+    (65, 129, 64, 0.07, _F32),
+]
+EMU_IDS = [f"R{c[0]}-C{c[1]}-d{c[2]}-{str(c[4]).split('.')[-1]}" for c in EMU_CASES]
+
+
+@pytest.mark.parametrize("R,C,d,T,dtype", EMU_CASES, ids=EMU_IDS)
+def test_emulated_gpu_kernels(emu_ops, R, C, d, T, dtype):
+    rows, cols, pos, self_idx, weight = make_case(R, C, d, 2.0, seed=R + d)
+    r, c = rows.to(dtype), cols.to(dtype)
+    loss, lse, inv_r, inv_c = emu_ops.nt_xent_fwd(r, c, pos, self_idx, T)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert loss.dtype == lse.dtype == inv_r.dtype == inv_c.dtype == acc
+    if R == 5:  # as autograd hands it over for .mean(): a stride-0 expand of 1 / R
+        g = torch.tensor(1.0 / R, dtype=acc).expand(R)
+    else:
+        g = weight.to(acc)
+    grad_r, grad_c = emu_ops.nt_xent_bwd(g, r, c, pos, self_idx, lse, inv_r, inv_c, T)
+    assert grad_r.dtype == grad_c.dtype == dtype
+    r64, c64 = r.double().clone().requires_grad_(), c.double().clone().requires_grad_()
+    ref = nt_xent_reference(r64, c64, pos, self_idx, T)
+    (ref * g.double()).sum().backward()
+    loss_tol, grad_tol = TOL[dtype]
+    assert (loss.double() - ref.detach()).abs().max().item() <= loss_tol * max(
+        1.0, ref.abs().max().item()
+    )
+    assert rel_err(grad_r, r64.grad) <= grad_tol, f"grad rows {rel_err(grad_r, r64.grad):.2e}"
+    assert rel_err(grad_c, c64.grad) <= grad_tol, f"grad cols {rel_err(grad_c, c64.grad):.2e}"
+    # the statistics handed from forward to backward agree with the CPU kernels' ones
+    if op.available("cpu"):
+        _, lse_cpu, ir_cpu, ic_cpu = torch.ops.ssl_ops.nt_xent_fwd(r, c, pos, self_idx, T)
+        for a, b in ((lse, lse_cpu), (inv_r, ir_cpu), (inv_c, ic_cpu)):
+            torch.testing.assert_close(a, b, rtol=1e-5 if acc == torch.float32 else 1e-12, atol=0)
+
+
+# ---- CUDA (skipped without a GPU; run by bench/gpu_check.sh) ----
+
+CUDA_CASES = CASES + [(300, 1000, 128, 0.1, 1.0), (1000, 2000, 64, 0.5, 10.0)]
+CUDA_IDS = CASE_IDS + ["R300-C1000-d128-T0.1-s1", "R1000-C2000-d64-T0.5-s10"]
+
+
+@needs_cuda
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"]
+)
+@pytest.mark.parametrize("R,C,d,T,scale", CUDA_CASES, ids=CUDA_IDS)
+def test_matches_reference_cuda(R, C, d, T, scale, dtype):
+    if dtype == torch.float16 and scale >= 1e3:
+        scale = 30.0  # fp16 cannot hold the inputs themselves beyond 65504
+    rows, cols, pos, self_idx, weight = make_case(R, C, d, scale, seed=R + C + d)
+    check(rows, cols, pos, self_idx, weight, T, dtype, "cuda")
+
+
+@needs_cuda
+def test_fp64_cuda_exact():
+    rows, cols, pos, self_idx, weight = make_case(70, 600, 9, 3.0, seed=1)
+    check(rows, cols, pos, self_idx, weight, 0.1, torch.float64, "cuda")
+
+
+@needs_cuda
+def test_gradcheck_fp64_cuda():
+    rows, cols, pos, self_idx, weight = make_case(4, 6, 3, 1.0, seed=7)
+    r, c = rows.cuda().requires_grad_(), cols.cuda().requires_grad_()
+    p, s, w = pos.cuda(), self_idx.cuda(), weight.cuda()
+    assert torch.autograd.gradcheck(lambda a, b: op.nt_xent_fused(a, b, p, s, 0.3) * w, (r, c))
+
+
+@needs_cuda
+def test_deterministic_cuda():
+    rows, cols, pos, self_idx, weight = make_case(300, 1100, 128, 1.0, seed=6)
+    outs = []
+    for _ in range(2):
+        r = rows.cuda().bfloat16().requires_grad_()
+        c = cols.cuda().bfloat16().requires_grad_()
+        loss = op.nt_xent_fused(r, c, pos.cuda(), self_idx.cuda(), 0.1)
+        (loss * weight.cuda().float()).sum().backward()
+        outs.append((loss.detach(), r.grad, c.grad))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+@needs_cuda
+def test_cuda_matches_cpu_op():
+    rows, cols, pos, self_idx, weight = make_case(150, 700, 40, 1.0, seed=12)
+    res = []
+    for dev in ("cpu", "cuda"):
+        (loss, gr, gc), _ = run_both(rows, cols, pos, self_idx, weight, 0.1, torch.float32, dev)
+        res.append((loss, gr, gc))
+    for a, b in zip(*res):
+        assert rel_err(a, b) <= 2e-5
+
+
+@needs_cuda
+def test_opcheck_cuda():
+    _opcheck("cuda")
+
+
+@needs_cuda
+def test_torch_compile_fullgraph_cuda():
+    _compile_check("cuda", "inductor")
+
+
+@needs_cuda
+def test_cuda_noncontiguous_and_stream():
+    """Non-contiguous inputs, and a side stream: results equal the default-stream ones."""
+    rows, cols, pos, self_idx, weight = make_case(100, 300, 64, 1.0, seed=13)
+    r_nc = rows.cuda().float().t().contiguous().t()  # column-major [R, d]
+    base = op.nt_xent_fused(
+        rows.cuda().float(), cols.cuda().float(), pos.cuda(), self_idx.cuda(), 0.1
+    )
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        out = op.nt_xent_fused(r_nc, cols.cuda().float(), pos.cuda(), self_idx.cuda(), 0.1)
+    s.synchronize()
+    torch.testing.assert_close(out, base)
