@@ -162,7 +162,7 @@ def main(args):
     train = load_split(args.data, "train", include_unlabeled=True).subset(
         args.limit_train, args.seed
     )
-    test = load_split(args.data, "test")
+    test = load_split(args.data, "test").subset(args.limit_test, args.seed)
     args.image_size = train.image_size
     args.crop_size = args.crop_size or train.image_size
     args.stem = stem_for(args.crop_size)

@@ -36,22 +36,10 @@ from common.data import DEFAULT_DATA, DataError
 
 EXIT_CONFIG, EXIT_NONFINITE, EXIT_PREEMPTED = 2, 3, 75
 # Config keys that may change when a run is resumed (everything else must match).
-RESUMABLE_CHANGES = {
-    "out",
-    "resume",
-    "fresh",
-    "device",
-    "preset",
-    "log_every",
-    "eval_every",
-    "ckpt_every",
-    "max_steps",
-    "keep_last",
-    "data",
-    "knn_bank",
-    "dist_timeout",
-    "skip_nonfinite",
-}
+RESUMABLE_CHANGES = set(
+    "out resume fresh device preset log_every eval_every ckpt_every max_steps keep_last data "
+    "knn_bank dist_timeout skip_nonfinite limit_test".split()
+)
 
 
 class ConfigError(ValueError):
@@ -79,6 +67,9 @@ def base_parser(
     p.add_argument("--width", type=int, help="ResNet stem width (64 = standard; 8-16 for CPU)")
     p.add_argument("--crop-size", type=int, help="training crop side (default: the image size)")
     p.add_argument("--limit-train", type=int, help="use a fixed random subset of N train images")
+    p.add_argument(
+        "--limit-test", type=int, help="evaluate on a fixed random subset of N test images"
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--resume", nargs="?", const="auto", help="resume OUT/checkpoint.pt or CKPT")
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
@@ -117,6 +108,7 @@ def apply_preset(args: argparse.Namespace, presets: dict[str, dict]) -> argparse
 def check_args(args: argparse.Namespace, world_size: int) -> None:
     """Reject invalid numbers before any work starts."""
     positive = ["epochs", "batch_size", "width", "log_every", "keep_last", "dist_timeout"]
+    positive += ["limit_train", "limit_test", "knn_bank"]
     for k in positive:
         v = getattr(args, k, None)
         if v is not None and v <= 0:
@@ -326,6 +318,7 @@ class TrainRun:
     def _install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT (how SLURM and others preempt) ask for a stop after the current step;
         a second SIGINT interrupts at once."""
+        self._old_handlers = {}
         if threading.current_thread() is not threading.main_thread():
             return
 
@@ -338,8 +331,7 @@ class TrainRun:
                     f"received {signal.Signals(signum).name}: stopping after this step", flush=True
                 )
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, handler)
+        self._old_handlers = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _any_rank(self, flag: bool) -> bool:
         """True if `flag` is true on any rank (all ranks must take the same branch)."""
@@ -441,6 +433,8 @@ class TrainRun:
 
     def finish(self, **results: float) -> dict:
         """Final checkpoint (unless stopped early, which already saved) and the result line."""
+        for sig, old in self._old_handlers.items():  # hand signals back (in-process callers)
+            signal.signal(sig, old)
         if not self.stopped:
             self.save()
         seconds = time.time() - self.t0

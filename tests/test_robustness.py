@@ -23,7 +23,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 def cmd(cifar_tar, out, *extra, fault=None):
     base = ["simclr.py", "--preset", "tiny", "--data", cifar_tar, "--out", str(out)]
-    base += ["--device", "cpu", "--epochs", "3", "--knn-bank", "500", *extra]
+    base += ["--device", "cpu", "--epochs", "3", "--knn-bank", "500", "--limit-test", "500", *extra]
     pre = [sys.executable] + (["tests/inject.py", fault] if fault else [])
     return pre + base
 

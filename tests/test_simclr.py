@@ -18,7 +18,8 @@ from conftest import ROOT
 
 def run_simclr(cifar_tar, out, *extra):
     args = simclr.get_args_parser().parse_args(
-        ["--preset", "tiny", "--data", cifar_tar, "--out", str(out), "--device", "cpu", *extra]
+        ["--preset", "tiny", "--data", cifar_tar, "--out", str(out), "--device", "cpu"]
+        + ["--limit-test", "2000", *extra]
     )
     return simclr.main(apply_preset(args, simclr.PRESETS))
 
