@@ -25,7 +25,7 @@ import torch.nn.functional as F
 # (MAE: < 10% of the encoder's compute per token; ViT-B's is the official 512-d, 8 blocks).
 # pico and nano are for CPU tests and the CPU preset.
 VIT_SIZES: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
-    "vit_pico": ((64, 4, 2), (64, 2, 2)),
+    "vit_pico": ((64, 2, 2), (48, 1, 2)),
     "vit_nano": ((128, 6, 4), (96, 2, 3)),
     "vit_tiny": ((192, 12, 3), (128, 4, 4)),
     "vit_small": ((384, 12, 6), (256, 4, 8)),
