@@ -19,8 +19,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shlex
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +56,9 @@ def get_args_parser():
     p.add_argument("--limit-train", type=int, help="use a fixed random subset of N train images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
+    p.add_argument(
+        "--no-save", dest="save", action="store_false", help="do not write RUN/eval_linear*.json"
+    )
     return p
 
 
@@ -142,8 +147,14 @@ def main(args):
         "num_test": len(test),
         "seconds": round(time.time() - t0, 1),
     }
+    result["command"] = shlex.join(["python", *sys.argv])
     if D.is_main():
         print(json.dumps(result), flush=True)
+        if args.save:  # next to the checkpoint, where results_table.py looks for it
+            run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
+            name = "eval_linear" + ("_random_init" if args.random_init else "")
+            name += f"_layer{args.layer}" if args.layer else ""
+            (run_dir / f"{name}.json").write_text(json.dumps(result) + "\n")
     return result
 
 

@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -443,6 +444,7 @@ class TrainRun:
             p.numel() for m in (self.backbone, self.head) if m is not None for p in m.parameters()
         )
         result = {
+            "command": shlex.join(["python", *sys.argv]),
             "method": self.method,
             "epochs": self.args.epochs,
             "steps": self.step,

@@ -1,0 +1,270 @@
+"""evaluate.py's protocols and results_table.py end to end on CPU, on a checkpoint of a tiny
+SimCLR run (2 steps) and on an MAE-format ViT checkpoint: each protocol's JSON, its saved
+eval_*.json with the command, the few-label subset files, layer-wise lr decay groups, and the
+Markdown table with the efficiency columns."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import evaluate
+import results_table
+import simclr
+from common.backbones import build_backbone
+from common.checkpoint import save_checkpoint
+from common.data import ImageSet
+from common.train import apply_preset
+from conftest import ROOT, write_image
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared, loaded 2-core machine two OpenMP threads are ~10x
+    slower than one (they spin waiting for each other); tiny models gain nothing from two."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(cifar_tar, tmp_path_factory):
+    """A SimCLR run of the tiny preset cut to 2 steps: a real checkpoint and log.jsonl."""
+    out = tmp_path_factory.mktemp("simclr_tiny")
+    argv = ["--preset", "tiny", "--data", cifar_tar, "--out", str(out), "--device", "cpu"]
+    argv += ["--epochs", "1", "--limit-train", "256", "--knn-bank", "256", "--limit-test", "200"]
+    simclr.main(apply_preset(simclr.get_args_parser().parse_args(argv), simclr.PRESETS))
+    return out
+
+
+@pytest.fixture(scope="module")
+def vit_run(cifar_tar, tmp_path_factory):
+    """An MAE-format checkpoint with an untrained ViT-pico encoder (mae.py's own tiny run is
+    tests/test_mae.py's): what fine-tuning needs to pick the MAE recipe."""
+    vit = pytest.importorskip("common.vit")
+    out = tmp_path_factory.mktemp("mae_vit")
+    cfg = {"backbone": "vit_pico", "image_size": 32, "patch_size": 4, "pool": "cls"}
+    cfg |= {"data": cifar_tar, "epochs": 0}
+    save_checkpoint(
+        out / "checkpoint.pt",
+        method="mae",
+        backbone=vit.vit_from_config(cfg),
+        head=None,
+        optimizer=None,
+        scheduler=None,
+        step=0,
+        epoch=0,
+        config=cfg,
+    )
+    return out
+
+
+def ev(*argv):
+    (result,) = evaluate.main([str(a) for a in argv])
+    return result
+
+
+def test_cluster(tiny_run):
+    res = ev("cluster", tiny_run, "--limit-test", 300, "--restarts", 2)
+    assert res["protocol"] == "cluster" and res["method"] == "simclr" and res["k"] == 10
+    assert 0 <= res["nmi"] <= 1 and -1 <= res["ari"] <= 1 and 10 <= res["cluster_acc"] <= 100
+    assert res["num_test"] == 300
+    saved = json.loads((tiny_run / "eval_cluster.json").read_text())
+    assert saved == res and res["command"].startswith("python evaluate.py cluster ")
+
+
+def test_tsne_grid_across_runs(tiny_run, vit_run, tmp_path):
+    res = ev("tsne", tiny_run, vit_run, "--limit-test", 120, "--out", tmp_path)
+    assert [r["method"] for r in res["runs"]] == ["simclr", "mae"] and res["num_points"] == 120
+    with Image.open(tmp_path / "tsne.png") as im:
+        assert im.format == "PNG" and im.width > 1.5 * im.height  # two panels side by side
+    assert (tmp_path / "eval_tsne.json").exists()
+
+
+def test_finetune_few_labels_subsets_and_random_init(tiny_run, tmp_path):
+    subsets = tmp_path / "subsets"
+    common = ["--epochs", 1, "--batch-size", 50, "--limit-test", 200, "--subset-dir", subsets]
+    res = ev("finetune", tiny_run, "--pcts", 0.2, 0.4, *common)
+    assert res["optimizer"] == "sgd" and res["layer_decay"] is None  # ResNet: SimCLR's recipe
+    for pct, per_class in (("0.2", 10), ("0.4", 20)):  # 0.2% / 0.4% of 5000 images a class
+        assert 0 <= res[f"finetune_{pct}pct_top1"] <= 100
+        run = res["runs"][pct]
+        assert run["num_labels"] == 10 * per_class and run["steps"] == 10 * per_class // 50
+        saved = json.loads((subsets / f"subset_{pct}pct_seed0.json").read_text())
+        assert list(saved["per_class"].values()) == [per_class] * 10
+        assert saved["split"] == "train" and len(saved["indices"]) == 10 * per_class
+    # The baseline reads the same index lists (every method sees the same images).
+    before = (subsets / "subset_0.2pct_seed0.json").stat().st_mtime_ns
+    base = ev("finetune", tiny_run, "--pcts", 0.2, *common, "--random-init")
+    assert base["random_init"] and (tiny_run / "eval_finetune_random_init.json").exists()
+    assert (subsets / "subset_0.2pct_seed0.json").stat().st_mtime_ns == before
+    assert base["runs"]["0.2"]["num_labels"] == 100
+    # A list drawn from another training set is refused, not silently re-used.
+    other = ImageSet(
+        torch.zeros(10, 4, 4, 3, dtype=torch.uint8),
+        torch.arange(10) % 2,
+        ["a", "b"],
+        (0.5,) * 3,
+        (0.2,) * 3,
+        "other",
+    )
+    with pytest.raises(ValueError, match="another training set"):
+        evaluate.few_label_subset(other, 0.2, 0, subsets)
+
+
+def test_finetune_vit_uses_the_mae_recipe(vit_run, tmp_path):
+    flags = "--pcts 0.2 --epochs 2 --batch-size 50 --warmup-epochs 1 --limit-test 100"
+    res = ev("finetune", vit_run, *flags.split(), "--subset-dir", tmp_path)
+    assert res["method"] == "mae" and res["optimizer"] == "adamw"
+    assert res["layer_decay"] == 0.75 and res["label_smoothing"] == 0.1
+    assert res["runs"]["0.2"]["steps"] == 4 and 0 <= res["finetune_0.2pct_top1"] <= 100
+
+
+class StandIn(nn.Module):
+    """The shape of a ViT: embeddings, a `blocks` ModuleList, a final norm."""
+
+    def __init__(self, depth=3, dim=8):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, 4, 4)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.blocks = nn.ModuleList(nn.Linear(dim, dim) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.feat_dim = dim
+
+
+def scales(model, decay=0.5, wd=0.05):
+    groups = evaluate.finetune_param_groups(model, wd, decay)
+    ids = {id(p): n for n, p in model.named_parameters()}
+    return {ids[id(p)]: (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
+
+
+def test_layer_wise_lr_decay_groups():
+    s = scales(evaluate.Classifier(StandIn(depth=3), 5))  # L = 3: head and norm at depth 4
+    assert s["backbone.patch_embed.weight"] == (0.5**4, 0.05)
+    assert s["backbone.cls_token"] == (0.5**4, 0.0)  # no decay on tokens, biases, norms
+    assert s["backbone.blocks.0.weight"] == (0.5**3, 0.05)
+    assert s["backbone.blocks.2.bias"] == (0.5, 0.0)
+    assert s["backbone.norm.weight"] == (1.0, 0.0) and s["head.weight"] == (1.0, 0.05)
+    resnet = scales(evaluate.Classifier(build_backbone("resnet18", "cifar", 8), 5))
+    assert {v[0] for v in resnet.values()} == {1.0}  # no blocks, no decay
+
+
+def test_layer_depths_agree_with_the_vit():
+    vit = pytest.importorskip("common.vit").VisionTransformer(dim=32, depth=3, heads=2)
+    depths, n_blocks = evaluate.layer_depths(vit)
+    assert n_blocks == 3 and max(depths.values()) == 4
+    if hasattr(vit, "layer_id"):
+        assert depths == {n: vit.layer_id(n) for n, _ in vit.named_parameters()}
+
+
+def test_transfer_to_an_image_folder(tiny_run, image_folder, tmp_path, monkeypatch, cifar_tar):
+    monkeypatch.setenv("SSL_CACHE_DIR", str(tmp_path / "cache"))
+    probe = ["--epochs", 5, "--lrs", 0.1, "--wds", 0]
+    res = ev("transfer", tiny_run, "--data", image_folder, *probe)
+    assert res["source"] == cifar_tar and res["target_name"] == "folder"
+    assert res["num_classes"] == 2 and res["num_train"] == 10 and res["num_test"] == 4
+    assert 0 <= res["linear_top1"] <= 100 and 0 <= res["knn_top1"] <= 100
+    assert (tiny_run / "eval_transfer_folder.json").exists()
+    # Larger target images are resized to the pre-training size (32) unless --native-size.
+    big = tmp_path / "big"
+    for split, n in (("train", 3), ("test", 1)):
+        for c in ("a", "b"):
+            for i in range(n):
+                write_image(big / split / c / f"{i}.png", (64, 64), seed=i + ord(c))
+    assert ev("transfer", tiny_run, "--data", big, *probe, "--no-save")["input_size"] == 32
+    native = ev("transfer", tiny_run, "--data", big, *probe, "--no-save", "--native-size")
+    assert native["input_size"] == 64
+
+
+def test_robustness(tiny_run):
+    flags = "--limit-train 300 --limit-test 100 --epochs 5 --lrs 0.1 --wds 0 --severities 1 5"
+    res = ev("robustness", tiny_run, *flags.split())
+    assert set(res["top1"]) == {"gaussian_noise", "gaussian_blur", "contrast", "jpeg"}
+    assert all(len(v) == 2 and all(0 <= a <= 100 for a in v) for v in res["top1"].values())
+    flat = [a for v in res["top1"].values() for a in v]
+    assert res["corrupted_top1"] == pytest.approx(sum(flat) / len(flat))
+    assert 0 <= res["clean_top1"] <= 100 and res["severities"] == [1, 5]
+
+
+def test_results_table(tiny_run, tmp_path):
+    run = tmp_path / "runs" / "simclr"
+    run.mkdir(parents=True)
+    (run / "log.jsonl").write_text((tiny_run / "log.jsonl").read_text())  # a real result line
+    cmd = "python evaluate.py cluster runs/simclr"
+    cluster = {"protocol": "cluster", "method": "simclr", "nmi": 0.4321, "ari": 0.2}
+    cluster |= {"cluster_acc": 41.0, "command": cmd}
+    (run / "eval_cluster.json").write_text(json.dumps(cluster))
+    baseline = {"protocol": "finetune", "method": "simclr", "random_init": True}
+    baseline |= {"finetune_10pct_top1": 30.0, "finetune_1pct_top1": 20.0}
+    (run / "eval_finetune_random_init.json").write_text(json.dumps(baseline))
+    # linear_probe.py's output saved anywhere, after a log line: found by its "checkpoint"
+    probe = {"checkpoint": str(run), "method": "simclr", "linear_top1": 55.55, "knn_top1": 50.0}
+    loose = tmp_path / "linear.json"
+    loose.write_text("log line\n" + json.dumps(probe) + "\n")
+    table = results_table.main([str(run), str(loose), "--out", str(tmp_path / "t.md")])
+    lines = table.splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    expected = ["k-NN (pre-train)", "linear", "NMI", "fine-tune 1%", "fine-tune 10%"]
+    expected += ["train min", "img/s", "peak mem GiB", "params M", "command"]  # efficiency
+    assert all(col in header for col in expected), header
+    assert header.index("fine-tune 1%") < header.index("fine-tune 10%") < header.index("img/s")
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    assert len(rows) == 2  # the run, and its random-init baseline
+    row, base = (dict(zip(header, r)) for r in rows)
+    assert row["method"] == "simclr" and row["linear"] == "55.5" and row["NMI"] == "0.432"
+    assert row["command"] == f"`{cmd}`" and float(row["params M"]) > 0
+    assert base["method"] == "simclr (random init)" and base["fine-tune 1%"] == "20.0"
+    assert base["linear"] == "" and (tmp_path / "t.md").read_text() == table
+    # The README's tables are regenerated in place between markers.
+    readme = tmp_path / "README.md"
+    readme.write_text("# R\n\nRESULTS_CPU\n\nend\n")
+    results_table.main([str(run), "--update", str(readme), "--marker", "RESULTS_CPU"])
+    results_table.main([str(run), "--update", str(readme), "--marker", "RESULTS_CPU"])
+    text = readme.read_text()
+    assert text.count("<!-- results:RESULTS_CPU -->") == 1 and text.count("| run |") == 1
+    assert text.startswith("# R\n\n<!-- results:") and text.endswith("-->\n\nend\n")
+
+
+def test_cli_prints_one_json_line_and_fails_cleanly(tiny_run, tmp_path):
+    cmd = [sys.executable, "evaluate.py", "cluster", str(tiny_run), "--limit-test", "100"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        cmd + ["--restarts", "1", "--no-save"], cwd=ROOT, capture_output=True, text=True, env=env
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["protocol"] == "cluster"
+    bad = subprocess.run(
+        [sys.executable, "evaluate.py", "finetune", str(tmp_path / "nothing")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert bad.returncode == 2 and "error: no checkpoint" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def _ranks_evaluate(rank, world, run, subsets):
+    import evaluate as ev_module  # a fresh process: nothing imported yet
+
+    flags = "--pcts 0.2 --epochs 1 --batch-size 50 --limit-test 100 --no-save"
+    (ft,) = ev_module.main(["finetune", run, *flags.split(), "--subset-dir", subsets])
+    (cl,) = ev_module.main(["cluster", run, "--limit-test", "100", "--restarts", "1", "--no-save"])
+    return ft["finetune_0.2pct_top1"], ft["runs"]["0.2"]["loss_last_epoch"], cl["nmi"]
+
+
+def test_two_ranks_agree(tiny_run, tmp_path):
+    """Under torchrun (here 2 CPU processes, gloo): DDP fine-tuning on sharded batches, global
+    BN, gathered features; every rank ends with the same numbers, one subset file is written."""
+    from dist_utils import run_distributed
+
+    subsets = tmp_path / "subsets"
+    r0, r1 = run_distributed(_ranks_evaluate, 2, tmp_path, run=str(tiny_run), subsets=subsets)
+    assert r0 == r1 and 0 <= r0[0] <= 100
+    assert [p.name for p in subsets.iterdir()] == ["subset_0.2pct_seed0.json"]
