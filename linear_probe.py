@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from common.backbones import backbone_from_config
 from common.checkpoint import load_checkpoint
 from common.data import DataError, load_split
 from common.eval import extract_features, input_transform, knn_predict
+from common.train import launch_command
 
 
 def get_args_parser():
@@ -147,7 +147,7 @@ def main(args):
         "num_test": len(test),
         "seconds": round(time.time() - t0, 1),
     }
-    result["command"] = shlex.join(["python", *sys.argv])
+    result["command"] = launch_command("linear_probe")
     if D.is_main():
         print(json.dumps(result), flush=True)
         if args.save:  # next to the checkpoint, where results_table.py looks for it

@@ -444,7 +444,7 @@ class TrainRun:
             p.numel() for m in (self.backbone, self.head) if m is not None for p in m.parameters()
         )
         result = {
-            "command": shlex.join(["python", *sys.argv]),
+            "command": launch_command(self.method),
             "method": self.method,
             "epochs": self.args.epochs,
             "steps": self.step,
@@ -463,6 +463,14 @@ class TrainRun:
         if D.is_main():
             print(json.dumps(result), flush=True)
         return result
+
+
+def launch_command(method: str) -> str | None:
+    """The command line that ran this method's script (`torchrun` keeps the script as argv[0]),
+    or None when main() was called in-process (tests, notebooks): argv is then someone else's."""
+    if Path(sys.argv[0]).name != f"{method}.py":
+        return None
+    return shlex.join(["python", *sys.argv])
 
 
 def peak_memory_gib() -> float:

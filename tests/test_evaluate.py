@@ -268,3 +268,13 @@ def test_two_ranks_agree(tiny_run, tmp_path):
     r0, r1 = run_distributed(_ranks_evaluate, 2, tmp_path, run=str(tiny_run), subsets=subsets)
     assert r0 == r1 and 0 <= r0[0] <= 100
     assert [p.name for p in subsets.iterdir()] == ["subset_0.2pct_seed0.json"]
+
+
+def test_launch_command_is_the_scripts_own(monkeypatch):
+    # In-process callers (pytest, notebooks) have someone else's argv: record no command then.
+    from common.train import launch_command
+
+    monkeypatch.setattr(sys, "argv", ["/x/.venv/bin/pytest", "-q"])
+    assert launch_command("simclr") is None
+    monkeypatch.setattr(sys, "argv", ["/repo/simclr.py", "--preset", "cpu", "--out", "a b"])
+    assert launch_command("simclr") == "python /repo/simclr.py --preset cpu --out 'a b'"

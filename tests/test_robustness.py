@@ -83,6 +83,7 @@ def test_sigterm_checkpoints_exits_75_and_resumes_identically(cifar_tar, tmp_pat
     r = run(cmd(cifar_tar, tmp_path))  # the same command again: auto-resume
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"resumed from {tmp_path / 'checkpoint.pt'} at step {stopped_at}" in r.stdout
+    assert '"command": "python simclr.py --preset tiny' in r.stdout  # the result names its run
     assert_same(weights(tmp_path), reference)
 
 
