@@ -91,7 +91,7 @@ from common.train import (
 # fmt: off
 #                  tiny      cpu       gpu
 _TABLE = {
-    "epochs":        (6,        10,       200),    # passes over the (limited) training set
+    "epochs":        (6,        11,       200),    # passes over the (limited) training set
     "batch_size":    (32,       128,      256),    # global batch of puzzles (9 tiles each)
     "lr":            (0.2,      0.1,      0.1),    # SGD lr per 256 puzzles; peak = lr * N / 256
     "weight_decay":  (5e-4,     5e-4,     5e-4),   # on weights only (not biases, not BN)
@@ -100,7 +100,7 @@ _TABLE = {
     "upsample":      (1,        1,        2),      # CIFAR: 8 px tiles (x1) or 17 px (x2)
     "backbone":      ("resnet18", "resnet18", "resnet18"),
     "width":         (8,        16,       64),     # ResNet width (64 = the real ResNet-18)
-    "limit_train":   (1024,     25000,    None),   # random subset of train images (None: all)
+    "limit_train":   (1024,     None,     None),   # random subset of train images (None: all)
     "log_every":     (16,       50,       50),     # steps between log lines
     "eval_every":    (0,        0,        20),     # epochs between evaluations (0: at the end)
     "knn_bank":      (2000,     None,     None),   # train images in the k-NN bank (None: all)
@@ -350,9 +350,9 @@ def main(args):
         # images: uint8 [n, H, W, 3] on the device; randomness from (seed, rank, step).
         gen = step_generator(args.seed, rank, run.step)
         tiles, y = make_puzzles(images, perms, args, gen)  # [n, 9, 3, T, T], [n]
-        if device.type == "cuda":
+        if device.type == "cuda":  # channels_last per tile: [n * 9, 3, T, T] strides, same shape
             tiles = tiles.flatten(0, 1).contiguous(memory_format=torch.channels_last)
-            tiles = tiles.view(-1, 9, *tiles.shape[1:])
+            tiles = tiles.unflatten(0, (-1, 9))
         lr = run.set_lr(opt)
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             logits = ddp(tiles)  # [n, P]

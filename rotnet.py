@@ -66,14 +66,14 @@ from common.train import (
 # fmt: off
 #                  tiny      cpu       gpu
 _TABLE = {
-    "epochs":        (2,        4,        100),    # passes over the (limited) training set
+    "epochs":        (2,        5,        100),    # passes over the (limited) training set
     "batch_size":    (32,       128,      128),    # global batch of images (x4 rotations)
     "lr":            (0.2,      0.1,      0.1),    # SGD lr for 128 images; peak = lr * N / 128
     "weight_decay":  (5e-4,     5e-4,     5e-4),   # on all parameters, as the official code
     "warmup_epochs": (0,        0,        0),      # linear warm-up, then cosine decay to 0
     "backbone":      ("resnet18", "resnet18", "resnet18"),
     "width":         (8,        16,       64),     # ResNet width (64 = the real ResNet-18)
-    "limit_train":   (1024,     25000,    None),   # random subset of train images (None: all)
+    "limit_train":   (1024,     10000,    None),   # random subset of train images (None: all)
     "log_every":     (8,        20,       50),     # steps between log lines
     "eval_every":    (0,        0,        20),     # epochs between evaluations (0: at the end)
     "knn_bank":      (2000,     None,     None),   # train images in the k-NN bank (None: all)
