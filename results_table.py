@@ -122,7 +122,11 @@ def cells(rec: dict) -> dict[tuple, float]:
             continue
         if key != "*":
             if isinstance(rec.get(key), (int, float)) and not isinstance(rec.get(key), bool):
-                found[(pos, 0.0, header, fmt)] = rec[key]
+                layer = rec.get("layer") if proto == "linear" else None  # linear_probe --layer
+                if layer:  # an intermediate block's probe: a column of its own
+                    found[(pos, float(layer), f"{header} (block {layer})", fmt)] = rec[key]
+                else:
+                    found[(pos, 0.0, header, fmt)] = rec[key]
         elif proto == "finetune":
             for k, v in rec.items():
                 m = FINETUNE_KEY.match(k)

@@ -207,6 +207,10 @@ def test_results_table(tiny_run, tmp_path):
     probe = {"checkpoint": str(run), "method": "simclr", "linear_top1": 55.55, "knn_top1": 50.0}
     loose = tmp_path / "linear.json"
     loose.write_text("log line\n" + json.dumps(probe) + "\n")
+    # a probe of block 2 (linear_probe.py --layer 2) gets its own columns, not the final's
+    (run / "eval_linear_layer2.json").write_text(
+        json.dumps(probe | {"layer": 2, "linear_top1": 60})
+    )
     table = results_table.main([str(run), str(loose), "--out", str(tmp_path / "t.md")])
     lines = table.splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
@@ -218,6 +222,9 @@ def test_results_table(tiny_run, tmp_path):
     assert len(rows) == 2  # the run, and its random-init baseline
     row, base = (dict(zip(header, r)) for r in rows)
     assert row["method"] == "simclr" and row["linear"] == "55.5" and row["NMI"] == "0.432"
+    assert row["linear (block 2)"] == "60.0" and header.index("linear (block 2)") < header.index(
+        "k-NN"
+    )
     assert row["command"] == f"`{cmd}`" and float(row["params M"]) > 0
     assert base["method"] == "simclr (random init)" and base["fine-tune 1%"] == "20.0"
     assert base["linear"] == "" and (tmp_path / "t.md").read_text() == table
