@@ -21,6 +21,7 @@ import itertools
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -46,6 +47,13 @@ def get_args_parser():
         type=int,
         choices=[1, 2, 3, 4],
         help="probe the pooled output of ResNet stage 1-4 instead of the final features",
+    )
+    p.add_argument(
+        "--upsample",
+        type=float,
+        default=1.0,
+        help="resize images by this factor (bilinear) before the backbone: probe at the scale "
+        "the trunk trained at (context.py's patches come from a x3 canvas)",
     )
     p.add_argument("--epochs", type=int, default=100, help="linear classifier epochs")
     p.add_argument("--batch-size", type=int, default=1024, help="linear classifier batch size")
@@ -110,6 +118,12 @@ def linear_probe(ftr, ytr, fte, yte, num_classes, args) -> dict:
     }
 
 
+def upsampled(images: torch.Tensor, prepare, factor: float) -> torch.Tensor:
+    """The backbone's input at `factor` times the size (bilinear, like context.py's canvas)."""
+    x = prepare(images)
+    return F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)
+
+
 def main(args):
     t0 = time.time()
     device = D.init_distributed(args.device)
@@ -126,6 +140,10 @@ def main(args):
     # Inputs as the method saw them (RGB normalised with the training set's statistics, or
     # colorization's L channel), features from the last stage or from --layer.
     prepare = input_transform(cfg, train.mean, train.std)
+    if args.upsample <= 0:
+        raise ValueError(f"--upsample must be > 0, got {args.upsample}")
+    if args.upsample != 1:  # [B, C, H, W] -> [B, C, s*H, s*W]
+        prepare = partial(upsampled, prepare=prepare, factor=args.upsample)
     if args.layer is not None and not hasattr(backbone, "layer4"):
         raise ValueError("--layer applies to ResNet backbones only")
     ftr, ytr = extract_features(backbone, train, device, prepare=prepare, layer=args.layer)
@@ -139,6 +157,7 @@ def main(args):
         "backbone": cfg["backbone"],
         "width": cfg.get("width"),
         "layer": args.layer,
+        "upsample": args.upsample,
         "epochs": cfg.get("epochs"),
         "data": str(data),
         "knn_top1": 100.0 * (knn == yte).float().mean().item(),
@@ -154,6 +173,7 @@ def main(args):
             run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
             name = "eval_linear" + ("_random_init" if args.random_init else "")
             name += f"_layer{args.layer}" if args.layer else ""
+            name += f"_x{args.upsample:g}" if args.upsample != 1 else ""
             (run_dir / f"{name}.json").write_text(json.dumps(result) + "\n")
     return result
 

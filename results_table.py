@@ -122,11 +122,7 @@ def cells(rec: dict) -> dict[tuple, float]:
             continue
         if key != "*":
             if isinstance(rec.get(key), (int, float)) and not isinstance(rec.get(key), bool):
-                layer = rec.get("layer") if proto == "linear" else None  # linear_probe --layer
-                if layer:  # an intermediate block's probe: a column of its own
-                    found[(pos, float(layer), f"{header} (block {layer})", fmt)] = rec[key]
-                else:
-                    found[(pos, 0.0, header, fmt)] = rec[key]
+                found[(pos, *probe_setting(rec, header), fmt)] = rec[key]
         elif proto == "finetune":
             for k, v in rec.items():
                 m = FINETUNE_KEY.match(k)
@@ -138,6 +134,16 @@ def cells(rec: dict) -> dict[tuple, float]:
                 if isinstance(rec.get(key2), (int, float)):
                     found[(pos, (t, i), f"→{t} {name}", fmt)] = rec[key2]
     return found
+
+
+def probe_setting(rec: dict, header: str) -> tuple[float, str]:
+    """(sort key, header) of a linear_probe.py result: an intermediate block (--layer) or
+    upsampled input (--upsample) gets columns of its own next to the default probe's."""
+    if protocol_of(rec) != "linear":
+        return 0.0, header
+    layer, up = rec.get("layer") or 0, rec.get("upsample") or 1
+    parts = ([f"block {layer}"] if layer else []) + ([f"x{up:g} input"] if up != 1 else [])
+    return layer + 10.0 * (up - 1), f"{header} ({', '.join(parts)})" if parts else header
 
 
 def _escape(s: str) -> str:

@@ -207,10 +207,11 @@ def test_results_table(tiny_run, tmp_path):
     probe = {"checkpoint": str(run), "method": "simclr", "linear_top1": 55.55, "knn_top1": 50.0}
     loose = tmp_path / "linear.json"
     loose.write_text("log line\n" + json.dumps(probe) + "\n")
-    # a probe of block 2 (linear_probe.py --layer 2) gets its own columns, not the final's
+    # probes of block 2 (--layer 2) or of x3 inputs (--upsample 3) get their own columns
     (run / "eval_linear_layer2.json").write_text(
         json.dumps(probe | {"layer": 2, "linear_top1": 60})
     )
+    (run / "eval_linear_x3.json").write_text(json.dumps(probe | {"upsample": 3, "knn_top1": 70}))
     table = results_table.main([str(run), str(loose), "--out", str(tmp_path / "t.md")])
     lines = table.splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
@@ -222,9 +223,8 @@ def test_results_table(tiny_run, tmp_path):
     assert len(rows) == 2  # the run, and its random-init baseline
     row, base = (dict(zip(header, r)) for r in rows)
     assert row["method"] == "simclr" and row["linear"] == "55.5" and row["NMI"] == "0.432"
-    assert row["linear (block 2)"] == "60.0" and header.index("linear (block 2)") < header.index(
-        "k-NN"
-    )
+    assert row["linear (block 2)"] == "60.0" and row["k-NN (x3 input)"] == "70.0"
+    assert header.index("linear") < header.index("linear (block 2)") < header.index("k-NN")
     assert row["command"] == f"`{cmd}`" and float(row["params M"]) > 0
     assert base["method"] == "simclr (random init)" and base["fine-tune 1%"] == "20.0"
     assert base["linear"] == "" and (tmp_path / "t.md").read_text() == table
@@ -285,3 +285,17 @@ def test_launch_command_is_the_scripts_own(monkeypatch):
     assert launch_command("simclr") is None
     monkeypatch.setattr(sys, "argv", ["/repo/simclr.py", "--preset", "cpu", "--out", "a b"])
     assert launch_command("simclr") == "python /repo/simclr.py --preset cpu --out 'a b'"
+
+
+def test_probe_upsample_matches_torchvision_resize():
+    # linear_probe.py --upsample s: the prepared batch resized to s x its side, bilinear,
+    # the values torchvision's resize gives (no antialias when enlarging).
+    from torchvision.transforms.v2 import functional as TF
+
+    import linear_probe
+
+    u8 = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
+    prepare = lambda x: x.permute(0, 3, 1, 2).float() / 255  # noqa: E731
+    got = linear_probe.upsampled(u8, prepare, 3)
+    want = TF.resize(prepare(u8), [24, 24], interpolation=TF.InterpolationMode.BILINEAR)
+    assert got.shape == (2, 3, 24, 24) and torch.allclose(got, want, atol=1e-6)
