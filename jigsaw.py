@@ -21,16 +21,22 @@ grid cell perms[label][j] (cells in raster order).
 
 Choices made here:
 - 32x32 images (CIFAR): the tile size trades compute against the trunk's geometry.
-  `--upsample 1` (tiny, cpu presets) cuts the grid from the native image: a random 30 px
-  region, cells of 10 px, tiles of 8 px (the paper's 64/75 ratio), so each tile moves by 0-2 px
-  per axis and neighbours are 0-4 px apart. A puzzle costs ~0.6 CIFAR images of compute, and on
-  2 CPU cores the number of puzzles decides (in 256-step runs at width 8, the x2 tiles below
-  learnt no faster per step, 7.4% against 2-12% by seed, at 4.5x the cost). The price: the
-  last ResNet stage sees an 8 px tile as a 1x1 map, which trains only the centre taps of its
-  3x3 kernels, so probe `--layer 3` too. `--upsample 2` (gpu preset) resizes the image x2
-  (bilinear) to a 64 px canvas: cells of 21 px, tiles of 17 (jitter 0-4, gaps 0-8 px); the last
-  stage sees 3x3 maps, for ~2.5 CIFAR images per puzzle. Images over 64 px are used as they
-  are (Imagenette 224: cells of 74 px, tiles of 63, as the paper's 75/64).
+  `--upsample 1` (tiny, cpu presets) cuts the grid from the native image: a random 24 px
+  region, cells of 8 px, tiles of 6 px (the paper's 64/75 ratio), so each tile moves by 0-2 px
+  per axis and neighbours are 0-4 px apart. A puzzle costs ~0.5 CIFAR images of compute, and on
+  2 CPU cores the number of puzzles decides. The price: the last ResNet stage sees a 6 px tile
+  as a 1x1 map, which trains only the centre taps of its 3x3 kernels, so probe `--layer 3`
+  too. `--upsample 2` (gpu preset) resizes the image x2 (bilinear) to a 64 px canvas: cells of
+  16 px, tiles of 13 (jitter 0-3, gaps 0-6 px); the last stage sees 2x2 maps, for ~1.5 CIFAR
+  images per puzzle. Images over 64 px are used as they are (Imagenette 224: cells of 74 px,
+  tiles of 63, as the paper's 75/64).
+- JPEG shortcut (small images): JPEG stores 8x8-pixel blocks, whose edges show at CIFAR's
+  native resolution. With cells of 10 px, a tile's place in the block grid said which cell it
+  came from, and the network solved 99% of the 100-way puzzles from that, not from content
+  (its features probed below a random network's). So cells are exactly one block (8 source px,
+  x upsample) and the grid's origin ranges over a whole block: every cell then has the same
+  block phase (the same cpu run: 40% of puzzles, features above random; README). Any JPEG data
+  (this repo's CIFAR copy, ImageNet) has the artefact; torchvision's CIFAR binaries do not.
 - Colour: the paper trains on colour and grey images against chromatic-aberration shortcuts;
   here every image is turned grey with p 0.3 (as the authors' port). Per-tile normalisation also
   removes each tile's colour cast.
@@ -84,10 +90,12 @@ from common.train import (
 )
 
 # ----------------------------------------------------------------------------------- config
+JPEG_BLOCK = 8  # JPEG's block side in pixels (images <= 64 px: see the docstring)
+
 # Presets fill every flag the user did not give (explicit flags win). `gpu` adapts the paper to
-# CIFAR-10 on a ResNet-18 (P = 1000, 17 px tiles, SGD + BN as Goyal et al. 2019's ResNet
+# CIFAR-10 on a ResNet-18 (P = 1000, 13 px tiles, SGD + BN as Goyal et al. 2019's ResNet
 # jigsaw, long training); `tiny` proves the pipeline in seconds (tests); `cpu` is ~10 minutes
-# on 2 cores with simclr's cpu backbone (ResNet-18, width 16) and 8 px tiles.
+# on 2 cores with simclr's cpu backbone (ResNet-18, width 16) and 6 px tiles.
 # fmt: off
 #                  tiny      cpu       gpu
 _TABLE = {
@@ -97,7 +105,7 @@ _TABLE = {
     "weight_decay":  (5e-4,     5e-4,     5e-4),   # on weights only (not biases, not BN)
     "warmup_epochs": (0.5,      0.5,      5),      # linear warm-up, then cosine decay to 0
     "num_perms":     (10,       100,      1000),   # P: puzzle classes (the paper: 1000)
-    "upsample":      (1,        1,        2),      # CIFAR: 8 px tiles (x1) or 17 px (x2)
+    "upsample":      (1,        1,        2),      # CIFAR: 6 px tiles (x1) or 13 px (x2)
     "backbone":      ("resnet18", "resnet18", "resnet18"),
     "width":         (8,        16,       64),     # ResNet width (64 = the real ResNet-18)
     "limit_train":   (1024,     None,     None),   # random subset of train images (None: all)
@@ -278,6 +286,18 @@ def puzzle_accuracy(model, test, perms, args, device, chunk: int = 500) -> float
 
 
 # ------------------------------------------------------------------------------------ train
+def set_geometry(args) -> None:
+    """Fill in the canvas, grid region (--crop-size) and tile side left unset, in canvas pixels,
+    for images of args.image_size (the module docstring's choices)."""
+    small = args.image_size <= 64  # CIFAR, STL-10 at 64: see the docstring; bigger: as they are
+    args.canvas = args.image_size * args.upsample if small else args.image_size
+    # Small images: cells of one JPEG block (8 source px), so a tile's block phase is the same
+    # whatever its cell; the grid's origin then ranges over a whole block (the docstring).
+    grid = 3 * JPEG_BLOCK * args.upsample if small else args.canvas // 3 * 3
+    args.crop_size = args.crop_size or grid  # the grid region
+    args.tile = args.tile or args.crop_size // 3 * 64 // 75
+
+
 def main(args):
     device, out = setup_run(args)
     rank = D.get_rank()
@@ -291,10 +311,7 @@ def main(args):
     args.stem = stem_for(args.image_size)  # the probe runs the trunk on whole images
     if args.upsample <= 0:
         raise ConfigError(f"--upsample must be > 0, got {args.upsample}")
-    small = args.image_size <= 64  # CIFAR, STL-10 at 64: see the docstring; bigger: as they are
-    args.canvas = args.image_size * args.upsample if small else args.image_size
-    args.crop_size = args.crop_size or args.canvas // 3 * 3  # the grid region
-    args.tile = args.tile or args.crop_size // 3 * 64 // 75
+    set_geometry(args)
     if not (0 < args.tile <= args.crop_size // 3 and args.crop_size <= args.canvas):
         raise ConfigError(
             f"a 3x3 grid of {args.crop_size} px with tiles of {args.tile} px does not fit a "

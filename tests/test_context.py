@@ -17,7 +17,7 @@ from common.checkpoint import load_checkpoint
 from common.train import apply_preset
 from conftest import ROOT
 
-GRID = argparse.Namespace(canvas=96, crop_size=20, gap=10, jitter=3, chroma="project")
+GRID = argparse.Namespace(canvas=96, crop_size=16, gap=8, jitter=3, chroma="project")
 
 
 def coordinate_images(n: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,6 +58,33 @@ def test_neighbour_sits_where_its_label_says():
     # the gap: a neighbour never overlaps its centre (patch side P/scale source pixels)
     gap_px = (c[:, 1:] - c[:, :1]).abs().amax(2) - args.crop_size / scale  # [n, 8]
     assert gap_px.min() >= (args.gap - 2 * args.jitter) / scale - 0.35
+
+
+def test_default_grid_is_what_grid_says():
+    args = argparse.Namespace(image_size=32, canvas=None, crop_size=None, gap=None, jitter=None)
+    context.set_geometry(args)
+    assert (args.canvas, args.crop_size, args.gap, args.jitter) == (96, 16, 8, 3)
+    big = argparse.Namespace(image_size=224, canvas=None, crop_size=None, gap=None, jitter=None)
+    context.set_geometry(big)
+    assert (big.canvas, big.crop_size, big.gap, big.jitter) == (224, 47, 23, 7)  # the paper's
+
+
+@pytest.mark.parametrize("grid, leaks", [(GRID, False), ((96, 20, 10, 3), True)])
+def test_jpeg_block_phase_says_nothing_about_the_label(grid, leaks):
+    # JPEG's 8x8 blocks: a neighbour's offset from its centre modulo 8 source px is visible in
+    # the pixels. With the default grid its distribution is the same for every label; with the
+    # old 20/10 grid (10 px apart) it told the direction (caught here, so the test can fail).
+    canvas, p, gap, jit = (
+        (grid.canvas, grid.crop_size, grid.gap, grid.jitter) if not leaks else grid
+    )
+    boxes = context.sample_grid(20000, 32, canvas, p, gap, jit, torch.Generator().manual_seed(0))
+    corner = boxes[..., :2] * canvas / 32  # [n, 9, 2] in canvas px (integers)
+    phase = torch.round(corner[:, 1:] - corner[:, :1]).long() * 32 // canvas % 8  # [n, 8, 2]
+    hists = [
+        torch.bincount(phase[:, k].flatten(), minlength=8) / (2 * len(phase)) for k in range(8)
+    ]
+    spread = max((h - hists[0]).abs().max().item() for h in hists)
+    assert (spread > 0.2) == leaks, spread
 
 
 def test_grid_fits_the_image_and_uses_the_jitter():
@@ -140,7 +167,7 @@ def test_tiny_run_beats_chance_and_writes_checkpoint(tiny_run):
     state = load_checkpoint(out)
     assert state["method"] == "context" and state["step"] == res["steps"]
     cfg = state["config"]
-    assert (cfg["canvas"], cfg["crop_size"], cfg["gap"], cfg["jitter"]) == (96, 20, 10, 3)
+    assert (cfg["canvas"], cfg["crop_size"], cfg["gap"], cfg["jitter"]) == (96, 16, 8, 3)
     assert cfg["stem"] == "cifar" and cfg["image_size"] == 32
     lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert lines[-1]["result"] == res and any("train_top1" in x for x in lines)

@@ -198,3 +198,30 @@ def test_resume_continues_exactly(cifar_tar, tmp_path):
 def test_tiles_must_fit_their_cells(cifar_tar, tmp_path):
     with pytest.raises(ConfigError, match="tiles of 30 px"):
         run_jigsaw(cifar_tar, tmp_path, "--tile", "30")
+
+
+def test_default_geometry():
+    for up, want in ((1, (32, 24, 6)), (2, (64, 48, 13))):
+        args = argparse.Namespace(image_size=32, upsample=up, crop_size=None, tile=None)
+        jigsaw.set_geometry(args)
+        assert (args.canvas, args.crop_size, args.tile) == want
+    big = argparse.Namespace(image_size=224, upsample=2, crop_size=None, tile=None)
+    jigsaw.set_geometry(big)
+    assert (big.canvas, big.crop_size, big.tile) == (224, 222, 63)  # the paper's 75/64
+
+
+@pytest.mark.parametrize("crop, tile, leaks", [(None, None, False), (30, 8, True)])
+def test_jpeg_block_phase_says_nothing_about_the_cell(crop, tile, leaks):
+    # A tile's corner modulo JPEG's 8 px block is visible in its pixels. With the default
+    # geometry its distribution is the same for all 9 cells; with the old 10 px cells it told
+    # the cell (caught here, so the test can fail).
+    args = argparse.Namespace(image_size=32, upsample=1, crop_size=crop, tile=tile)
+    jigsaw.set_geometry(args)
+    gen = torch.Generator().manual_seed(0)
+    corners = jigsaw.tile_corners(20000, args.canvas, args.crop_size // 3, args.tile, gen)
+    phase = corners % 8  # [n, 9, 2], canvas = source pixels here
+    hists = [
+        torch.bincount(phase[:, c].flatten(), minlength=8) / (2 * len(phase)) for c in range(9)
+    ]
+    spread = max((h - hists[0]).abs().max().item() for h in hists)
+    assert (spread > 0.2) == leaks, spread
