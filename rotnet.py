@@ -33,7 +33,9 @@ Run:
   python rotnet.py --preset cpu --data ../shared/data/cifar10-jpeg.tar.gz
   python linear_probe.py runs/rotnet --data ./data --layer 2   # evaluate stage 2 (or 3, 4)
 Expect: rotation accuracy on the test set ("pretext_top1") in the high 80s/90s% with the `gpu`
-preset (chance: 25%); the README lists what the `cpu` preset gives, with the command.
+preset (chance: 25%). The `cpu` preset (2 cores, ~15 min, 390 steps) gives 59% rotations and a
+probe (10k train images) of 35.3 k-NN / 38.9 linear against 29.0 / 34.3 from random init; the
+README has the commands.
 """
 
 from __future__ import annotations
