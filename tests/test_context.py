@@ -162,7 +162,7 @@ def tiny_run(cifar_tar, tmp_path_factory):
 def test_tiny_run_beats_chance_and_writes_checkpoint(tiny_run):
     out, res = tiny_run
     print(res)
-    assert res["pretext_top1"] > 16.0  # chance is 12.5%; 16,000 test pairs: +-0.3%
+    assert res["pretext_top1"] > 15.5  # chance is 12.5%; 16,000 test pairs: +-0.3%
     assert 10 < res["knn_top1"] <= 100
     state = load_checkpoint(out)
     assert state["method"] == "context" and state["step"] == res["steps"]
@@ -181,7 +181,7 @@ def test_linear_probe_evaluates_the_checkpoint(tiny_run):
 
 
 def test_resume_continues_exactly(cifar_tar, tmp_path):
-    short = ["--limit-train", "256", "--knn-bank", "256", "--pretext-test", "100"]
+    short = ["--limit-train", "256", "--knn-bank", "256", "--pretext-test", "100", "--epochs", "2"]
     run_context(cifar_tar, tmp_path / "full", *short)
     run_context(cifar_tar, tmp_path / "part", *short, "--max-steps", "13")
     assert load_checkpoint(tmp_path / "part")["step"] == 13
