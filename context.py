@@ -122,7 +122,12 @@ def get_args_parser():
         help="side the image is (implicitly) resized to (default 96 px "
         "for images <= 64 px, else the image size); --crop-size is the patch side on it",
     )
-    p.add_argument("--gap", type=int, help="pixels between neighbouring patches (default P/2)")
+    p.add_argument(
+        "--gap",
+        type=int,
+        help="pixels between neighbouring patches (default P/2; images <= 64 px without "
+        "--crop-size: 16 px patches 8 px apart, one JPEG block between neighbours)",
+    )
     p.add_argument("--jitter", type=int, help="max shift of each patch per axis (default 0.15P)")
     p.add_argument(
         "--chroma",
@@ -270,9 +275,9 @@ def set_geometry(args) -> None:
     small = args.image_size <= 64  # decoded at native size: JPEG's 8 px blocks show
     args.canvas = args.canvas or (96 if small else args.image_size)
     scale = args.canvas / args.image_size  # canvas px per source px
-    if small:  # patch + gap = one JPEG block (8 source px): no block-phase shortcut
+    if small and not args.crop_size:  # patch + gap = one JPEG block (8 source px): no shortcut
         step = round(JPEG_BLOCK * scale)
-        args.crop_size = args.crop_size or step * 2 // 3  # the patch side (16 on 96)
+        args.crop_size = step * 2 // 3  # the patch side (16 on 96)
         args.gap = step - args.crop_size if args.gap is None else args.gap
         args.jitter = max(1, round(scale)) if args.jitter is None else args.jitter
     args.crop_size = args.crop_size or round(args.canvas * 5 / 24)  # the paper's 5/24

@@ -64,6 +64,9 @@ def test_default_grid_is_what_grid_says():
     args = argparse.Namespace(image_size=32, canvas=None, crop_size=None, gap=None, jitter=None)
     context.set_geometry(args)
     assert (args.canvas, args.crop_size, args.gap, args.jitter) == (96, 16, 8, 3)
+    own = argparse.Namespace(image_size=32, canvas=None, crop_size=20, gap=None, jitter=None)
+    context.set_geometry(own)  # a patch side of the user's: the paper's half-patch gap
+    assert (own.canvas, own.crop_size, own.gap, own.jitter) == (96, 20, 10, 3)
     big = argparse.Namespace(image_size=224, canvas=None, crop_size=None, gap=None, jitter=None)
     context.set_geometry(big)
     assert (big.canvas, big.crop_size, big.gap, big.jitter) == (224, 47, 23, 7)  # the paper's
