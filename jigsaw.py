@@ -23,7 +23,7 @@ Choices made here:
 - 32x32 images (CIFAR): the tile size trades compute against the trunk's geometry.
   `--upsample 1` (tiny, cpu presets) cuts the grid from the native image: a random 24 px
   region, cells of 8 px, tiles of 6 px (the paper's 64/75 ratio), so each tile moves by 0-2 px
-  per axis and neighbours are 0-4 px apart. A puzzle costs ~0.5 CIFAR images of compute, and on
+  per axis and neighbours are 0-4 px apart. A puzzle costs ~0.3 CIFAR images of compute, and on
   2 CPU cores the number of puzzles decides. The price: the last ResNet stage sees a 6 px tile
   as a 1x1 map, which trains only the centre taps of its 3x3 kernels, so probe `--layer 3`
   too. `--upsample 2` (gpu preset) resizes the image x2 (bilinear) to a 64 px canvas: cells of
