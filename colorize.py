@@ -89,6 +89,8 @@ from common.train import (
     TrainRun,
     apply_preset,
     base_parser,
+    decay_groups,
+    place_model,
     run_cli,
     setup_run,
     step_generator,
@@ -404,14 +406,10 @@ def main(args):
     stride = max(1, sub.shape[1] // 32)
     model.head.bins.fit_prior(sub[:, ::stride, ::stride], args.rebalance_lambda)
     args.num_bins = len(model.head.bins)
-    model = D.convert_global_bn(model, device).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = place_model(model, device)
     peak_lr = args.lr * args.batch_size / 256
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    rest = [p for p in model.parameters() if p.ndim <= 1]  # biases and BN: no weight decay
     opt = torch.optim.Adam(
-        [{"params": decay}, {"params": rest, "weight_decay": 0.0}],
+        decay_groups(model),  # no weight decay on biases and BN
         lr=peak_lr,
         betas=(0.9, 0.99),
         weight_decay=args.weight_decay,
@@ -440,12 +438,8 @@ def main(args):
             print(f"epoch {epoch} " + " ".join(f"{k} {v:.2f}" for k, v in res.items()), flush=True)
         return res
 
-    def maybe_evaluate(epoch):
-        if args.eval_every and epoch % args.eval_every == 0:
-            evaluate(epoch)
-
     bins = model.head.bins
-    for images in run.batches(feed, on_epoch_end=maybe_evaluate):
+    for images in run.batches(feed, evaluate):
         # images: uint8 [n, H, W, 3] on the device; randomness from (seed, rank, step).
         gen = step_generator(args.seed, rank, run.step)
         x = to_float(images)

@@ -83,6 +83,8 @@ from common.train import (
     TrainRun,
     apply_preset,
     base_parser,
+    decay_groups,
+    place_model,
     run_cli,
     setup_run,
     step_generator,
@@ -309,14 +311,10 @@ def main(args):
     std = torch.tensor(train.std, device=device).view(1, 3, 1, 1)
 
     model = ContextNet(build_backbone(args.backbone, args.stem, args.width))
-    model = D.convert_global_bn(model, device).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = place_model(model, device)
     peak_lr = args.lr * 8 * args.batch_size / 256  # per 256 pairs
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    rest = [p for p in model.parameters() if p.ndim <= 1]  # biases and BN: no weight decay
     opt = torch.optim.SGD(
-        [{"params": decay}, {"params": rest, "weight_decay": 0.0}],
+        decay_groups(model),  # no weight decay on biases and BN
         lr=peak_lr,
         momentum=args.momentum,
         weight_decay=args.weight_decay,
@@ -343,11 +341,7 @@ def main(args):
             print(f"epoch {epoch} position top-1 {pos:.2f}% k-NN top-1 {knn:.2f}%", flush=True)
         return pos, knn
 
-    def maybe_evaluate(epoch):
-        if args.eval_every and epoch % args.eval_every == 0:
-            evaluate(epoch)
-
-    for images in run.batches(feed, on_epoch_end=maybe_evaluate):
+    for images in run.batches(feed, evaluate):
         # images: uint8 [n, H, W, 3] on the device; randomness from (seed, rank, step).
         gen = step_generator(args.seed, rank, run.step)
         patches = make_patches(images, args, mean, std, gen)  # [n, 9, 3, P, P]

@@ -384,11 +384,7 @@ def main(args):
             print(f"epoch {epoch} " + " ".join(f"{k} {v:.4g}" for k, v in res.items()), flush=True)
         return res
 
-    def maybe_evaluate(epoch):
-        if args.eval_every and epoch % args.eval_every == 0:
-            evaluate(epoch)
-
-    for images in run.batches(feed, on_epoch_end=maybe_evaluate):
+    for images in run.batches(feed, evaluate):
         # Crops and masks from one generator seeded by (seed, rank, step): resumable, per rank.
         gen = step_generator(args.seed, rank, run.step)
         x = aug(images, gen)  # [n, 3, S, S]

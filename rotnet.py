@@ -55,6 +55,7 @@ from common.train import (
     TrainRun,
     apply_preset,
     base_parser,
+    place_model,
     run_cli,
     setup_run,
     step_generator,
@@ -186,9 +187,7 @@ def main(args):
     std = torch.tensor(train.std, device=device).view(1, 3, 1, 1)
 
     model = RotNet(build_backbone(args.backbone, args.stem, args.width))
-    model = D.convert_global_bn(model, device).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = place_model(model, device)
     peak_lr = args.lr * args.batch_size / 128
     opt = torch.optim.SGD(
         model.parameters(),
@@ -219,11 +218,7 @@ def main(args):
             print(f"epoch {epoch} rotation top-1 {rot:.2f}% k-NN top-1 {knn:.2f}%", flush=True)
         return rot, knn
 
-    def maybe_evaluate(epoch):
-        if args.eval_every and epoch % args.eval_every == 0:
-            evaluate(epoch)
-
-    for images in run.batches(feed, on_epoch_end=maybe_evaluate):
+    for images in run.batches(feed, evaluate):
         # images: uint8 [n, H, W, 3] on the device; randomness from (seed, rank, step).
         gen = step_generator(args.seed, rank, run.step)
         x, _ = crop_flip(to_float(images), args.crop_size, args.pad, gen)

@@ -41,6 +41,7 @@ from common.train import (
     TrainRun,
     apply_preset,
     base_parser,
+    place_model,
     run_cli,
     setup_run,
     step_generator,
@@ -177,9 +178,7 @@ def main(args):
     )
 
     model = SimCLR(build_backbone(args.backbone, args.stem, args.width), args.proj_dim)
-    model = D.convert_global_bn(model, device).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = place_model(model, device)
     scale = args.batch_size / 256 if args.lr_scaling == "linear" else math.sqrt(args.batch_size)
     peak_lr = args.lr * scale
     opt = LARS(param_groups(model), peak_lr, args.momentum, args.weight_decay, args.lars_eta)
@@ -204,11 +203,7 @@ def main(args):
             print(f"epoch {epoch} k-NN top-1 {acc:.2f}%", flush=True)
         return acc
 
-    def maybe_evaluate(epoch):
-        if args.eval_every and epoch % args.eval_every == 0:
-            evaluate(epoch)
-
-    for images in run.batches(feed, on_epoch_end=maybe_evaluate):
+    for images in run.batches(feed, evaluate):
         # Both views from one generator seeded by (seed, rank, step): resumable, per-rank.
         gen = step_generator(args.seed, rank, run.step)
         views = torch.cat([aug(images, gen), aug(images, gen)])  # [2n, 3, S, S]

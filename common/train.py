@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 from torch.utils.data import DistributedSampler
 
 from common import dist as D
@@ -230,6 +231,22 @@ class Logger:
             )
 
 
+def place_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """The model as every script trains it: BatchNorm synchronised across ranks (GlobalBatchNorm
+    on gloo, SyncBatchNorm on GPUs; common/dist.py), on the device, channels_last on CUDA."""
+    model = D.convert_global_bn(model, device).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def decay_groups(model: nn.Module) -> list[dict]:
+    """SGD parameter groups: weight decay on weights, none on biases and BN (the 1-D tensors)."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    rest = [p for p in model.parameters() if p.ndim <= 1]
+    return [{"params": decay}, {"params": rest, "weight_decay": 0.0}]
+
+
 class TrainRun:
     """The bookkeeping every method's training loop shares, so that each script keeps only its
     method: resume, the lr schedule, the step/epoch counters, logging, periodic and final
@@ -237,7 +254,7 @@ class TrainRun:
 
         run = TrainRun(args, out, "simclr", backbone=..., head=..., optimizer=opt,
                        steps_per_epoch=feed.steps_per_epoch, peak_lr=peak_lr)
-        for images in run.batches(feed, on_epoch_end=evaluate):
+        for images in run.batches(feed, evaluate):
             lr = run.set_lr(opt)
             loss = ...; loss.backward(); opt.step()
             run.step_done(loss, lr=lr)
@@ -376,16 +393,18 @@ class TrainRun:
             g["lr"] = lr * g.get("lr_scale", 1.0)
         return lr
 
-    def batches(self, feed: BatchFeed, on_epoch_end: Callable[[int], object] | None = None):
-        """This rank's batches from the current step to the end (or a stop); after each full
-        epoch but the last, calls on_epoch_end(number of finished epochs)."""
+    def batches(self, feed: BatchFeed, evaluate: Callable[[int], object] | None = None):
+        """This rank's batches from the current step to the end (or a stop); after every
+        `--eval-every`-th full epoch but the last, calls evaluate(number of finished epochs)
+        (the last epoch's evaluation is the script's final one)."""
+        every = self.args.eval_every
         while self.step < self.total and not self.stopped:
             for x in feed.epoch(self.epoch, start_step=self.step % self.steps_per_epoch):
                 yield x
                 if self.stopped:
                     return
-            if on_epoch_end is not None and self.step < self.total:
-                on_epoch_end(self.epoch)
+            if evaluate and every and self.epoch % every == 0 and self.step < self.total:
+                evaluate(self.epoch)
 
     def step_done(self, loss: torch.Tensor, **metrics: float) -> None:
         """Count the finished step; log, checkpoint or stop when due."""
