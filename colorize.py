@@ -82,7 +82,7 @@ from common.augment import AugConfig, apply_params, sample_params, to_float
 from common.backbones import build_backbone, stem_for
 from common.color import lab_l_input, lab_to_rgb, rgb_to_lab
 from common.data import load_split
-from common.eval import knn_top1
+from common.eval import knn_top1, labelled
 from common.train import (
     BatchFeed,
     ConfigError,
@@ -430,7 +430,7 @@ def main(args):
 
     def evaluate(epoch):
         res = pretext_metrics(model, test, args, device)
-        bank = train.subset(args.knn_bank, args.seed)
+        bank = labelled(train).subset(args.knn_bank, args.seed)
         res["knn_top1"] = knn_top1(model.backbone, bank, test, device, prepare=lab_l_input)
         run.log.write({"step": run.step, "epoch": epoch, **res})
         if D.is_main():
@@ -453,6 +453,8 @@ def main(args):
             logits = ddp(inp)  # [n, Q, h, w]
         ab = F.adaptive_avg_pool2d(lab[:, 1:], logits.shape[-2:])  # targets at [n, 2, h, w]
         loss = colorize_loss(logits.float(), ab, bins, args.loss)  # fp32: log-softmax over Q
+        if run.nonfinite(loss):  # stops the run, or skips this update with --skip-nonfinite
+            continue
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -76,7 +76,7 @@ from common import dist as D
 from common.augment import to_float
 from common.backbones import build_backbone, stem_for
 from common.data import load_split
-from common.eval import knn_top1
+from common.eval import knn_top1, labelled
 from common.train import (
     BatchFeed,
     ConfigError,
@@ -335,7 +335,9 @@ def main(args):
 
     def evaluate(epoch):
         pos = position_accuracy(model, test, args, mean, std, device)
-        knn = knn_top1(model.backbone, train.subset(args.knn_bank, args.seed), test, device)
+        knn = knn_top1(
+            model.backbone, labelled(train).subset(args.knn_bank, args.seed), test, device
+        )
         run.log.write({"step": run.step, "epoch": epoch, "pretext_top1": pos, "knn_top1": knn})
         if D.is_main():
             print(f"epoch {epoch} position top-1 {pos:.2f}% k-NN top-1 {knn:.2f}%", flush=True)
@@ -353,6 +355,8 @@ def main(args):
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             logits = ddp(patches)  # [8n, 8]
         loss = F.cross_entropy(logits.float(), y)
+        if run.nonfinite(loss):  # stops the run, or skips this update with --skip-nonfinite
+            continue
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -22,7 +22,9 @@
               set under Gaussian noise, Gaussian blur, contrast and JPEG at severities 1-5
               (CIFAR-10-C's parameters up to 64 px, ImageNet-C's above; common/metrics.py).
 --random-init evaluates the same architecture untrained: the baseline of every protocol. The
-linear probe is linear_probe.py's (lr / weight-decay sweep on a held-out 10%).
+linear probe is linear_probe.py's (lr / weight-decay sweep on a held-out 10%). Unlabelled images
+(label < 0, STL-10's unlabeled split) take part in no protocol: common/eval.py's
+extract_features skips them in train and test sets, and few-label subsets never draw them.
 
 Each run prints one JSON line (tsne: one for the figure) holding "command", the command line
 that produced it, and saves it as RUN_DIR/eval_<protocol>[_<target>][_random_init].json, which
@@ -60,7 +62,6 @@ import linear_probe
 from common import dist as D
 from common.augment import AugConfig, apply_params, sample_params, to_float
 from common.backbones import backbone_from_config
-from common.checkpoint import load_checkpoint
 from common.data import DataError, ImageSet, load_split
 from common.eval import extract_features, input_transform, knn_predict
 from common.metrics import (
@@ -151,7 +152,7 @@ def run_dir(run: str | Path) -> Path:
 def load_backbone(run: str, args: argparse.Namespace, device: torch.device):
     """(backbone on device, checkpoint dict): trained weights, or untrained with --random-init
     (seeded, so every protocol's baseline starts from the same weights)."""
-    state = load_checkpoint(run)
+    state = linear_probe.read_checkpoint(run)  # names a file that is not a checkpoint
     torch.manual_seed(args.seed)
     backbone = backbone_from_config(state["config"])
     if not args.random_init:
@@ -221,7 +222,7 @@ def cluster(args: argparse.Namespace, run: str, device: torch.device) -> dict:
         "cluster_acc": 100.0 * cluster_accuracy(y, pred),
         "inertia": km.inertia,
         "restarts": args.restarts,
-        "num_test": len(test),
+        "num_test": len(labels),  # labelled test images
     }
     return finish(args, result, run_dir(run), "cluster", t0)
 
@@ -303,7 +304,7 @@ def tsne(args: argparse.Namespace, device: torch.device) -> dict:
         "protocol": "tsne",
         "png": str(png),
         "runs": runs,
-        "num_points": len(test),
+        "num_points": len(labels),
         "perplexity": args.perplexity,
     }
     return finish(args, result, out, "tsne", t0)
@@ -506,7 +507,7 @@ def finetune(args: argparse.Namespace, run: str, device: torch.device) -> dict:
     is_vit = layer_depths(backbone) is not None
     recipe = finetune_recipe(args, is_vit)
     folder = Path(args.subset_dir or args.out or run_dir(run))
-    result = {**header(args, run, state, data), **recipe, "num_test": len(test), "runs": {}}
+    result = {**header(args, run, state, data), **recipe, "runs": {}}
     for pct in args.pcts:
         idx = few_label_subset(train, pct, args.seed, folder)
         subset = ImageSet(
@@ -525,6 +526,7 @@ def finetune(args: argparse.Namespace, run: str, device: torch.device) -> dict:
         logits, labels = extract_features(model, test, device, prepare=prepare)  # [N, classes]
         top1 = 100.0 * (logits.argmax(1) == labels).float().mean().item()
         result[f"finetune_{pct:g}pct_top1"] = top1
+        result["num_test"] = len(labels)  # labelled test images
         subset_file = folder / f"subset_{pct:g}pct_seed{args.seed}.json"
         result["runs"][f"{pct:g}"] = {
             "top1": top1,
@@ -575,8 +577,8 @@ def transfer(args: argparse.Namespace, run: str, device: torch.device) -> dict:
         "num_classes": num_classes,
         "knn_top1": 100.0 * (knn == yte).float().mean().item(),
         **linear_probe.linear_probe(ftr, ytr, fte, yte, num_classes, args),
-        "num_train": len(train),
-        "num_test": len(test),
+        "num_train": len(ytr),  # labelled images used
+        "num_test": len(yte),
     }
     return finish(args, result, run_dir(run), f"transfer_{target}", t0)
 
@@ -629,8 +631,8 @@ def robustness(args: argparse.Namespace, run: str, device: torch.device) -> dict
         "top1": table,  # corruption -> top-1 at each severity
         "best_lr": probe["best_lr"],
         "best_wd": probe["best_wd"],
-        "num_train": len(train),
-        "num_test": len(test),
+        "num_train": len(ytr),  # labelled images used
+        "num_test": len(yte),
     }
     return finish(args, result, run_dir(run), "robustness", t0)
 
@@ -654,6 +656,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             raise ValueError(f"--{k.replace('_', '-')} must be > 0, got {v}")
     if args.protocol == "finetune" and not all(0 < p <= 100 for p in args.pcts):
         raise ValueError(f"--pcts must be in (0, 100], got {args.pcts}")
+    linear_probe.check_args(args)  # the probe's flags (--knn-k, --knn-t, --lrs, --wds)
     device = D.init_distributed(args.device)
     if args.protocol == "tsne":
         return [tsne(args, device)]

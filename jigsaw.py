@@ -79,7 +79,7 @@ from common import dist as D
 from common.augment import rgb_to_gray, to_float
 from common.backbones import build_backbone, stem_for
 from common.data import default_cache_dir, load_split
-from common.eval import knn_top1
+from common.eval import knn_top1, labelled
 from common.train import (
     BatchFeed,
     ConfigError,
@@ -353,7 +353,9 @@ def main(args):
 
     def evaluate(epoch):
         acc = puzzle_accuracy(model, test, perms, args, device)
-        knn = knn_top1(model.backbone, train.subset(args.knn_bank, args.seed), test, device)
+        knn = knn_top1(
+            model.backbone, labelled(train).subset(args.knn_bank, args.seed), test, device
+        )
         run.log.write({"step": run.step, "epoch": epoch, "pretext_top1": acc, "knn_top1": knn})
         if D.is_main():
             print(f"epoch {epoch} puzzle top-1 {acc:.2f}% k-NN top-1 {knn:.2f}%", flush=True)

@@ -7,6 +7,8 @@ images without augmentation, then
   on a held-out 10% of the training set, then the classifier is retrained on all of it;
 - k-NN: weighted k-NN on L2-normalised features (k = 200, T = 0.1, cosine).
 `--random-init` evaluates the same architecture untrained: the baseline every result needs.
+Unlabelled images (label < 0, STL-10's unlabeled split) are left out of every split.
+Bad flags, data or checkpoints stop with exit code 2 and one line `error: ...` before any work.
 
 Run:
   python linear_probe.py runs/simclr --data ./data
@@ -19,8 +21,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import sys
 import time
+import zipfile
 from functools import partial
 from pathlib import Path
 
@@ -32,7 +36,7 @@ from common.backbones import backbone_from_config
 from common.checkpoint import load_checkpoint
 from common.data import DataError, load_split
 from common.eval import extract_features, input_transform, knn_predict
-from common.train import launch_command
+from common.train import ConfigError, check_range, launch_command
 
 
 def get_args_parser():
@@ -70,6 +74,46 @@ def get_args_parser():
     return p
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Reject bad numbers before any work (no checkpoint or data is read first): ConfigError
+    naming the flag. Also checks the probe flags evaluate.py's transfer / robustness share; a
+    flag the namespace lacks is skipped."""
+    for k in ("epochs", "batch_size", "knn_k", "limit_train"):
+        v = getattr(args, k, None)
+        if v is not None and v <= 0:  # epochs 0 would report an untrained classifier
+            raise ConfigError(f"--{k.replace('_', '-')} must be > 0, got {v}")
+    check_range(args, "knn_t", 0, lo_open=True)
+    check_range(args, "upsample", 0, lo_open=True)
+    for k, lo_open in (("lrs", True), ("wds", False)):
+        values = getattr(args, k, None)
+        if values is None:
+            continue
+        bad = [v for v in values if not math.isfinite(v) or v < 0 or (lo_open and v == 0)]
+        if not values or bad:
+            rule = "> 0" if lo_open else ">= 0"
+            raise ConfigError(f"--{k} needs one or more finite values {rule}, got {values}")
+    if getattr(args, "device", None) == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda, but no CUDA device is available")
+
+
+def read_checkpoint(run: str | Path) -> dict:
+    """load_checkpoint, except that a file torch.save did not write (a log, a JSON file, a
+    truncated copy) is reported as such: torch.load's own complaint about it can be a bare
+    number (e.g. "101", an unpickling opcode)."""
+    try:
+        return load_checkpoint(run)
+    except ValueError:
+        path = Path(run) / "checkpoint.pt" if Path(run).is_dir() else Path(run)
+        if not path.is_file() or zipfile.is_zipfile(path):
+            raise
+        with open(path, "rb") as f:
+            head = f.read(20)
+        raise ValueError(
+            f"{path} is not a checkpoint: not a file written by torch.save "
+            f"({path.stat().st_size} bytes, starting {head!r})"
+        ) from None
+
+
 def train_linear(x, y, num_classes, lr, wd, epochs, batch_size, seed) -> torch.nn.Linear:
     """SGD (momentum 0.9, cosine schedule) on features x [N, D] with labels y [N]."""
     gen = torch.Generator().manual_seed(seed)
@@ -96,6 +140,11 @@ def accuracy(clf, x, y) -> float:
 
 
 def linear_probe(ftr, ytr, fte, yte, num_classes, args) -> dict:
+    if len(ytr) < 2 or len(yte) == 0:  # the sweep holds out 10% (at least one) of the train set
+        raise ValueError(
+            f"the linear probe needs >= 2 labelled train and >= 1 labelled test images, got "
+            f"{len(ytr)} and {len(yte)}"
+        )
     # Standardise with the training features' statistics (a BN without affine, as in MAE).
     mu, sd = ftr.mean(0), ftr.std(0).clamp_min(1e-6)
     ftr, fte = (ftr - mu) / sd, (fte - mu) / sd
@@ -126,13 +175,16 @@ def upsampled(images: torch.Tensor, prepare, factor: float) -> torch.Tensor:
 
 def main(args):
     t0 = time.time()
-    device = D.init_distributed(args.device)
-    state = load_checkpoint(args.run)
+    check_args(args)
+    state = read_checkpoint(args.run)
     cfg = state["config"]
     torch.manual_seed(args.seed)
     backbone = backbone_from_config(cfg)
+    if args.layer is not None and not hasattr(backbone, "layer4"):
+        raise ValueError("--layer applies to ResNet backbones only")
     if not args.random_init:
         backbone.load_state_dict(state["backbone"])
+    device = D.init_distributed(args.device)
     backbone.to(device)
     data = args.data or cfg["data"]
     train = load_split(data, "train").subset(args.limit_train, args.seed)
@@ -140,12 +192,9 @@ def main(args):
     # Inputs as the method saw them (RGB normalised with the training set's statistics, or
     # colorization's L channel), features from the last stage or from --layer.
     prepare = input_transform(cfg, train.mean, train.std)
-    if args.upsample <= 0:
-        raise ValueError(f"--upsample must be > 0, got {args.upsample}")
     if args.upsample != 1:  # [B, C, H, W] -> [B, C, s*H, s*W]
         prepare = partial(upsampled, prepare=prepare, factor=args.upsample)
-    if args.layer is not None and not hasattr(backbone, "layer4"):
-        raise ValueError("--layer applies to ResNet backbones only")
+    # Features of the labelled images only (extract_features skips label < 0).
     ftr, ytr = extract_features(backbone, train, device, prepare=prepare, layer=args.layer)
     fte, yte = extract_features(backbone, test, device, prepare=prepare, layer=args.layer)
     num_classes = len(train.classes)
@@ -162,8 +211,8 @@ def main(args):
         "data": str(data),
         "knn_top1": 100.0 * (knn == yte).float().mean().item(),
         **linear_probe(ftr, ytr, fte, yte, num_classes, args),
-        "num_train": len(train),
-        "num_test": len(test),
+        "num_train": len(ytr),  # labelled images used
+        "num_test": len(yte),
         "seconds": round(time.time() - t0, 1),
     }
     result["command"] = launch_command("linear_probe")
@@ -178,9 +227,20 @@ def main(args):
     return result
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> int:
+    """The command line: 0 on success; 2 and one line `error: ...` on stderr for bad flags (as
+    argparse's own usage errors), data or checkpoint."""
+    args = get_args_parser().parse_args(argv)
     try:
-        main(get_args_parser().parse_args())
-    except (DataError, FileNotFoundError, ValueError) as e:
+        main(args)
+    # ConfigError is a ValueError; DistInitError: a rank that cannot reach the others.
+    except (DataError, FileNotFoundError, ValueError, D.DistInitError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    finally:
+        D.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -55,7 +55,7 @@ import torch.nn as nn
 from common import dist as D
 from common.augment import AugConfig, BatchAugment, normalize
 from common.data import load_split
-from common.eval import knn_top1
+from common.eval import knn_top1, labelled
 from common.train import (
     BatchFeed,
     ConfigError,
@@ -374,7 +374,10 @@ def main(args):
         peak_lr=peak_lr,
     )
     ddp = D.wrap_ddp(model, device)
-    bank, recon_set = train.subset(args.knn_bank, args.seed), test.subset(args.recon_images)
+    bank, recon_set = (
+        labelled(train).subset(args.knn_bank, args.seed),
+        test.subset(args.recon_images),
+    )
 
     def evaluate(epoch):
         res = {"knn_top1": knn_top1(model.encoder, bank, test, device)}

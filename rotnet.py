@@ -48,7 +48,7 @@ from common import dist as D
 from common.augment import normalize, resized_crop, to_float
 from common.backbones import build_backbone, stem_for
 from common.data import load_split
-from common.eval import knn_top1
+from common.eval import knn_top1, labelled
 from common.train import (
     BatchFeed,
     ConfigError,
@@ -212,7 +212,9 @@ def main(args):
 
     def evaluate(epoch):
         rot = rotation_accuracy(model, test, train, args, device)
-        knn = knn_top1(model.backbone, train.subset(args.knn_bank, args.seed), test, device)
+        knn = knn_top1(
+            model.backbone, labelled(train).subset(args.knn_bank, args.seed), test, device
+        )
         run.log.write({"step": run.step, "epoch": epoch, "pretext_top1": rot, "knn_top1": knn})
         if D.is_main():
             print(f"epoch {epoch} rotation top-1 {rot:.2f}% k-NN top-1 {knn:.2f}%", flush=True)

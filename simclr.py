@@ -33,7 +33,7 @@ from common import dist as D
 from common.augment import AugConfig, BatchAugment
 from common.backbones import build_backbone, stem_for
 from common.data import load_split
-from common.eval import knn_top1
+from common.eval import knn_top1, labelled
 from common.losses import nt_xent_loss
 from common.train import (
     BatchFeed,
@@ -41,6 +41,7 @@ from common.train import (
     TrainRun,
     apply_preset,
     base_parser,
+    check_range,
     place_model,
     run_cli,
     setup_run,
@@ -51,13 +52,14 @@ from common.train import (
 # Presets fill every flag the user did not give (explicit flags win). `gpu` is the official
 # CIFAR-10 recipe (README of google-research/simclr: ResNet-18, batch 512, LARS lr 1.0 x
 # batch/256, wd 1e-4, temperature 0.5, jitter strength 0.5, no blur, 1000 epochs, 10 warm-up
-# epochs). `tiny` proves the pipeline in seconds (tests); `cpu` is ~10 minutes on 2 cores.
+# epochs), with the official loss scale (common/losses.py: the two directions' means summed).
+# `tiny` proves the pipeline in seconds (tests); `cpu` is ~10 minutes on 2 cores.
 # fmt: off
 #                  tiny      cpu       gpu
 _TABLE = {
     "epochs":        (2,        5,        1000),   # passes over the (limited) training set
     "batch_size":    (128,      256,      512),    # global batch N (2N views per step)
-    "lr":            (1.0,      1.0,      1.0),    # LARS base lr; peak = lr * N / 256
+    "lr":            (None,     None,     None),   # LARS base lr (None: 1.0 linear, 0.075 sqrt)
     "weight_decay":  (1e-4,     1e-4,     1e-4),   # on weights only (not biases, not BN)
     "warmup_epochs": (0.5,      0.5,      10),     # linear warm-up, then cosine decay to 0
     "temperature":   (0.5,      0.5,      0.5),    # NT-Xent temperature (CIFAR: 0.5)
@@ -84,15 +86,29 @@ def get_args_parser():
     p.add_argument(
         "--blur", type=float, help="Gaussian blur probability (default 0 <= 64 px, else 0.5)"
     )
-    p.add_argument("--momentum", type=float, default=0.9, help="LARS momentum")
+    p.add_argument("--momentum", type=float, default=0.9, help="LARS momentum, in [0, 1)")
     p.add_argument("--lars-eta", type=float, default=1e-3, help="LARS trust coefficient")
     p.add_argument(
         "--lr-scaling",
         choices=["linear", "sqrt"],
         default="linear",
-        help="peak lr = lr * batch/256 (linear) or lr * sqrt(batch) (paper B.1, small batches)",
+        help="peak lr = lr * batch/256 (linear, base 1.0) or lr * sqrt(batch) (paper B.1 for "
+        "small batches, base 0.075); the base is --lr when given",
     )
     return p
+
+
+BASE_LR = {"linear": 1.0, "sqrt": 0.075}  # the paper's base lr for each scaling rule (B.1)
+
+
+def check_simclr_args(args) -> None:
+    """SimCLR's own flags, checked with the shared ones before any work, folder or output."""
+    check_range(args, "jitter_strength", 0)
+    check_range(args, "blur", 0, 1)
+    check_range(args, "momentum", 0, 1, hi_open=True)
+    check_range(args, "lars_eta", 0, lo_open=True)
+    if args.proj_dim <= 0:
+        raise ConfigError(f"--proj-dim must be > 0, got {args.proj_dim}")
 
 
 # ------------------------------------------------------------------------------------ model
@@ -156,9 +172,10 @@ def param_groups(model: nn.Module) -> list[dict]:
 
 # ------------------------------------------------------------------------------------ train
 def main(args):
+    check_simclr_args(args)
+    if args.lr is None:
+        args.lr = BASE_LR[args.lr_scaling]
     device, out = setup_run(args)
-    if args.blur is not None and not 0 <= args.blur <= 1:
-        raise ConfigError(f"--blur is a probability, got {args.blur}")
     rank = D.get_rank()
 
     train = load_split(args.data, "train", include_unlabeled=True).subset(
@@ -169,7 +186,8 @@ def main(args):
     args.crop_size = args.crop_size or train.image_size
     args.stem = stem_for(args.crop_size)
     big = args.crop_size > 64  # ImageNet-like images: the paper's ImageNet augmentation strength
-    args.jitter_strength = args.jitter_strength or (1.0 if big else 0.5)
+    if args.jitter_strength is None:  # (0 is a valid strength: no colour jitter)
+        args.jitter_strength = 1.0 if big else 0.5
     args.blur = (0.5 if big else 0.0) if args.blur is None else args.blur
     aug = BatchAugment(
         AugConfig(args.crop_size, jitter_strength=args.jitter_strength, blur_p=args.blur),
@@ -197,7 +215,9 @@ def main(args):
     ddp = D.wrap_ddp(model, device)
 
     def evaluate(epoch):
-        acc = knn_top1(model.backbone, train.subset(args.knn_bank, args.seed), test, device)
+        acc = knn_top1(
+            model.backbone, labelled(train).subset(args.knn_bank, args.seed), test, device
+        )
         run.log.write({"step": run.step, "epoch": epoch, "knn_top1": acc})
         if D.is_main():
             print(f"epoch {epoch} k-NN top-1 {acc:.2f}%", flush=True)

@@ -2,20 +2,24 @@
 
 Three layers, top to bottom:
 - `nt_xent_loss(z1, z2, temperature)`: what a training script calls. z1, z2 are the [n, d]
-  projections of the two views on this rank (unnormalised). Returns the mean over all 2n local
-  anchors; with a process group up, the negatives come from every rank's embeddings.
+  projections of the two views on this rank (unnormalised). Returns the official SimCLR loss:
+  the mean over view-1 anchors plus the mean over view-2 anchors (twice the mean over all 2n);
+  with a process group up, the negatives come from every rank's embeddings.
 - `nt_xent_rows(rows, cols, pos_idx, self_idx, temperature)`: the explicit layout. rows [R, d]
   are this rank's anchors, cols [C, d] every candidate (the all-gathered embeddings), and for
   anchor i, cols[pos_idx[i]] is its positive and cols[self_idx[i]] is itself (excluded from the
   softmax). Returns the per-row loss [R] in fp32. It dispatches to the fused C++/CUDA op
   (csrc/, never builds the R x C matrix) or to the pure-PyTorch reference below, chosen by the
-  environment variable SSL_NT_XENT = auto (default: the op when built) | ext | ref.
+  environment variable SSL_NT_XENT = auto (default: the op when built) | ext | ref. Under
+  `auto` a missing op (common/nt_xent_op.py or its built extension absent, as in a script
+  copied into another project) falls back to the reference with one warning.
 - `nt_xent_reference(...)`: the same contract in plain PyTorch, materialising R x C logits.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +49,20 @@ def nt_xent_reference(
     return F.cross_entropy(logits, pos_idx, reduction="none")  # [R] = lse_i - logit[i, pos_i]
 
 
+_FALLBACK_WARNED = False
+
+
+def _warn_fallback(why: str) -> None:
+    global _FALLBACK_WARNED
+    if not _FALLBACK_WARNED:
+        _FALLBACK_WARNED = True
+        warnings.warn(
+            f"NT-Xent: the fused op is not available ({why}); using the pure-PyTorch reference "
+            "(same result, more memory). Build it with `python setup.py build_ext --inplace`.",
+            stacklevel=3,
+        )
+
+
 def _impl() -> str:
     impl = os.environ.get("SSL_NT_XENT", "auto").lower()
     if impl not in IMPLS:
@@ -64,8 +82,13 @@ def nt_xent_rows(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     impl = _impl()
     if impl != "ref":
-        from common import nt_xent_op  # the Python side of the C++/CUDA extension
-
+        try:
+            from common import nt_xent_op  # the Python side of the C++/CUDA extension
+        except ImportError as e:  # a copied script without the op's file
+            if impl == "ext":
+                raise
+            _warn_fallback(f"{type(e).__name__}: {e}")
+            return nt_xent_reference(rows, cols, pos_idx, self_idx, temperature)
         if nt_xent_op.available(rows.device):
             return nt_xent_op.nt_xent_fused(rows, cols, pos_idx, self_idx, temperature)
         if impl == "ext":
@@ -74,6 +97,7 @@ def nt_xent_rows(
                 f"{rows.device.type}: {nt_xent_op.load_error()}. "
                 "Build it with `python setup.py build_ext --inplace`."
             )
+        _warn_fallback(nt_xent_op.load_error() or f"built without {rows.device.type} kernels")
     return nt_xent_reference(rows, cols, pos_idx, self_idx, temperature)
 
 
@@ -87,15 +111,24 @@ def simclr_layout(n: int, rank: int, device: torch.device) -> tuple[torch.Tensor
 
 
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
-    """SimCLR's loss for the [n, d] projections of two views; mean over the 2n local anchors.
+    """SimCLR's loss for the [n, d] projections of two views, at the official code's scale.
+
+    google-research/simclr (objective.py, add_contrastive_loss) computes loss_a, the mean over
+    the view-1 anchors of cross-entropy against [logits_ab, logits_aa], and loss_b for view 2,
+    and returns loss_a + loss_b: twice the mean over the 2n anchors. The scale matters beyond
+    the log: LARS adds weight decay to the gradient, so half the loss would double the
+    effective weight decay and halve the step of the biases and BN parameters it excludes.
 
     With a process group, each rank scores its own anchors against all ranks' embeddings; the
     all-gather's backward sums every rank's gradient into the slice's owner, so after DDP
-    averages parameter gradients they equal those of the single-process loss over all anchors.
+    averages parameter gradients they equal those of the single-process loss over all anchors
+    (the official TPU code averages the replicas' losses the same way).
     """
     if z1.shape != z2.shape or z1.dim() != 2:
         raise ValueError(f"z1 and z2 must both be [n, d], got {tuple(z1.shape)}, {tuple(z2.shape)}")
     rows = torch.cat([z1, z2], 0)  # [2n, d]
     cols = D.all_gather_with_grad(rows)  # [world * 2n, d]
     pos_idx, self_idx = simclr_layout(z1.shape[0], D.get_rank(), z1.device)
-    return nt_xent_rows(rows, cols, pos_idx, self_idx, temperature).mean()
+    per_row = nt_xent_rows(rows, cols, pos_idx, self_idx, temperature)  # [2n]
+    n = z1.shape[0]
+    return per_row[:n].mean() + per_row[n:].mean()  # loss_a + loss_b

@@ -1,7 +1,7 @@
 """Metrics and data tools for the evaluation protocols (evaluate.py), all in torch.
 
-- `kmeans`: Lloyd's algorithm with k-means++ seeding and several restarts, on any device
-  (chunked distances, so 50k x 2048 features and k = 1000 fit a GPU).
+- `kmeans`: Lloyd's algorithm with greedy k-means++ seeding (scikit-learn's) and several
+  restarts, on any device (chunked distances, so 50k x 2048 features and k = 1000 fit a GPU).
 - `nmi`, `ari`, `cluster_accuracy`: agreement of a clustering with the labels. NMI and ARI
   follow scikit-learn's definitions (arithmetic-mean normalisation; the adjusted Rand index of
   Hubert & Arabie) including its limit cases; cluster accuracy maps clusters to classes one to
@@ -52,22 +52,37 @@ def _sq_dists_min(
 
 
 def _kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
-    """k-means++ seeding (Arthur & Vassilvitskii 2007): each next centre is drawn with
-    probability proportional to the squared distance to the nearest centre so far."""
+    """Greedy k-means++ seeding, scikit-learn's: the first centre is uniform; each next one is
+    the best of 2 + int(ln k) candidates drawn with probability proportional to the squared
+    distance to the nearest centre so far, "best" meaning the one whose addition leaves the
+    lowest potential (sum of those squared distances). Arthur & Vassilvitskii (2007) mention
+    this variant in their conclusion; plain k-means++ (one candidate) ends, after the same
+    number of restarts, in local optima up to tens of percent worse on clustered data.
+
+    The random numbers come from `gen` (a CPU generator: the same seed gives the same draws on
+    any device); the distances, the cumulative sum that turns the draws into point indices and
+    the choice of the best candidate stay on x's device. Memory: O(N * candidates)."""
+    n_trials = 2 + int(math.log(k))
     x_sq = (x * x).sum(1)  # [N]
 
-    def sq_dist_to(i: int) -> torch.Tensor:  # [N], without an [N, D] temporary
-        return (x_sq - 2 * x @ x[i] + x_sq[i]).clamp_min(0)
+    def sq_dists_to(idx: torch.Tensor) -> torch.Tensor:  # [len(idx), N], no [N, D] temporary
+        return (x_sq - 2 * (x[idx] @ x.t()) + x_sq[idx, None]).clamp_min_(0)
 
-    first = int(torch.randint(len(x), (1,), generator=gen))
-    centres, d2 = [first], sq_dist_to(first)
+    first = torch.randint(len(x), (1,), generator=gen).to(x.device)
+    centres, d2 = [first], sq_dists_to(first)[0]
     for _ in range(1, k):
-        # Draw on the CPU with a CPU generator: the same seed gives the same centres anywhere.
-        p = d2.double().cpu()
-        i = int(torch.multinomial(p, 1, generator=gen)) if p.sum() > 0 else 0
-        centres.append(i)
-        d2 = torch.minimum(d2, sq_dist_to(i))
-    return x[centres].clone()
+        # Inverse-CDF sampling: the first point whose cumulative D^2 exceeds u * total. With
+        # right=True a point at distance 0 (already a centre) is never drawn; if every distance
+        # is 0 (fewer distinct points than k) the clamp picks the last point, a duplicate that
+        # Lloyd's empty-cluster re-seeding then handles.
+        cum = d2.double().cumsum(0)
+        u = torch.rand(n_trials, generator=gen, dtype=torch.float64).to(x.device)
+        cand = torch.searchsorted(cum, u * cum[-1], right=True).clamp_max_(len(x) - 1)
+        d2_cand = torch.minimum(d2, sq_dists_to(cand))  # [n_trials, N]
+        best = d2_cand.sum(1, dtype=torch.float64).argmin()
+        centres.append(cand[best, None])
+        d2 = d2_cand[best]
+    return x[torch.cat(centres)]  # advanced indexing: a copy
 
 
 def kmeans(
@@ -78,7 +93,7 @@ def kmeans(
     tol: float = 1e-4,
     seed: int = 0,
 ) -> KMeansResult:
-    """k-means of x [N, D] (any device): `restarts` k-means++ seedings, Lloyd iterations until
+    """k-means of x [N, D] (any device): `restarts` greedy k-means++ seedings, Lloyd iterations until
     the centroids move less than tol * (mean per-dimension variance of x) in squared norm
     (scikit-learn's criterion) or `iters` is reached; returns the restart of lowest inertia.
     An empty cluster is re-seeded with the point farthest from its centroid."""

@@ -39,8 +39,8 @@ from common.data import DEFAULT_DATA, DataError
 EXIT_CONFIG, EXIT_NONFINITE, EXIT_PREEMPTED = 2, 3, 75
 # Config keys that may change when a run is resumed (everything else must match).
 RESUMABLE_CHANGES = set(
-    "out resume fresh device preset log_every eval_every ckpt_every max_steps keep_last data "
-    "knn_bank dist_timeout skip_nonfinite limit_test".split()
+    "out resume fresh device preset log_every eval_every ckpt_every ckpt_minutes max_steps "
+    "keep_last data knn_bank dist_timeout skip_nonfinite limit_test".split()
 )
 
 
@@ -80,7 +80,17 @@ def base_parser(
         "--eval-every", type=int, help="k-NN eval on the test set every N epochs (0: end)"
     )
     p.add_argument("--knn-bank", type=int, help="train images in the k-NN bank (default: all)")
-    p.add_argument("--ckpt-every", type=int, default=0, help="also checkpoint every N steps")
+    p.add_argument(
+        "--ckpt-every",
+        type=int,
+        help="checkpoint every N steps (default: every epoch; 0: only by --ckpt-minutes)",
+    )
+    p.add_argument(
+        "--ckpt-minutes",
+        type=float,
+        default=15.0,
+        help="also checkpoint when this many minutes passed since the last one (0: never)",
+    )
     p.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after N steps in all")
     p.add_argument("--keep-last", type=int, default=1, help="also keep the last K step checkpoints")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
@@ -107,20 +117,49 @@ def apply_preset(args: argparse.Namespace, presets: dict[str, dict]) -> argparse
     return args
 
 
+SEED_MODULUS = 1 << 63  # torch generators take seeds below 2^64; derived seeds add to them
+
+
+def check_range(
+    args: argparse.Namespace,
+    name: str,
+    lo: float,
+    hi: float = math.inf,
+    lo_open: bool = False,
+    hi_open: bool = False,
+) -> None:
+    """Raise ConfigError unless args.<name> (when given, i.e. not None) lies in the range, and
+    is a finite number: NaN compares False with everything and would slip through `<` checks."""
+    v = getattr(args, name, None)
+    if v is None:
+        return
+    below = v <= lo if lo_open else v < lo
+    above = v >= hi if hi_open else v > hi
+    if not math.isfinite(v) or below or above:
+        lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
+        raise ConfigError(f"--{name.replace('_', '-')} must be in {lb}{lo}, {hi}{rb}, got {v}")
+
+
 def check_args(args: argparse.Namespace, world_size: int) -> None:
-    """Reject invalid numbers before any work starts."""
+    """Reject invalid numbers before any work starts (and before any folder or output)."""
     positive = ["epochs", "batch_size", "width", "log_every", "keep_last", "dist_timeout"]
-    positive += ["limit_train", "limit_test", "knn_bank"]
+    positive += ["limit_train", "limit_test", "knn_bank", "crop_size"]
     for k in positive:
         v = getattr(args, k, None)
         if v is not None and v <= 0:
             raise ConfigError(f"--{k.replace('_', '-')} must be > 0, got {v}")
-    for k in ["lr", "weight_decay", "warmup_epochs", "eval_every", "ckpt_every", "max_steps"]:
+    for k in ["eval_every", "ckpt_every", "max_steps"]:
         v = getattr(args, k, None)
         if v is not None and v < 0:
             raise ConfigError(f"--{k.replace('_', '-')} must be >= 0, got {v}")
-    if getattr(args, "temperature", 1.0) <= 0:
-        raise ConfigError(f"--temperature must be > 0, got {args.temperature}")
+    check_range(args, "lr", 0)
+    check_range(args, "weight_decay", 0)
+    check_range(args, "warmup_epochs", 0)
+    check_range(args, "ckpt_minutes", 0)
+    check_range(args, "temperature", 0, lo_open=True)
+    # Any integer is a valid seed; reduce it so that every generator seeded from it (with rank,
+    # step or epoch added) stays in range. Seeds below 2^63 are unchanged.
+    args.seed = args.seed % SEED_MODULUS
     if args.batch_size % world_size:
         raise ConfigError(
             f"--batch-size {args.batch_size} is not divisible by the world size {world_size}"
@@ -158,7 +197,8 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
 def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
     """Augmentation randomness as a pure function of (seed, rank, step): resumes reproduce it
     with no generator state to save, and no two ranks or steps share a stream."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + rank) * 1_000_000_007 + step)
+    mixed = (seed * 1_000_003 + rank) * 1_000_000_007 + step
+    return torch.Generator().manual_seed(mixed % SEED_MODULUS)
 
 
 class BatchFeed:
@@ -276,20 +316,38 @@ class TrainRun:
         self.args, self.out, self.method = args, out, method
         self.backbone, self.head, self.optimizer = backbone, head, optimizer
         self.steps_per_epoch = steps_per_epoch
+        # Periodic checkpoints by default: every epoch, and at least every --ckpt-minutes of
+        # wall time, so that a crash (OOM, NCCL timeout, SIGKILL) loses little.
+        self.ckpt_every = steps_per_epoch if args.ckpt_every is None else args.ckpt_every
         self.total = args.epochs * steps_per_epoch
         self.warmup = round(args.warmup_epochs * steps_per_epoch)
         self.peak_lr = peak_lr
         self.step = 0
         self.stopped: str | None = None
         self.skipped = 0
-        self._checked = False
+        self._flags: dict | None = None  # this step's synced flags (see _sync)
         ckpt = resume_path(args, out)
         if ckpt is not None:
             self._load(ckpt)
+        if D.get_world_size() > 1:  # every rank must resume the same checkpoint
+            steps = [None] * D.get_world_size()
+            torch.distributed.all_gather_object(steps, self.step)
+            if len(set(steps)) > 1:
+                raise ConfigError(
+                    f"ranks resume from different steps {steps}: is --out {out} on a "
+                    "filesystem that every node sees?"
+                )
+        # All flags are checked and the data loaded: only now create OUT and print the config.
+        if D.is_main():
+            out.mkdir(parents=True, exist_ok=True)
+            cfg = json.dumps(vars(args))
+            print(f"config: {cfg} world_size {D.get_world_size()}", flush=True)
+        D.barrier()
         self._signal: int | None = None
         self._install_signal_handlers()
         self.log = Logger(out, self.total, args.log_every, start_step=self.step)
-        self.t0 = self.t_last_step = time.time()
+        self.t0 = self.t_last_step = self._t_saved = time.time()
+        self._saved_step = self.step if ckpt is not None else -1
 
     @property
     def epoch(self) -> int:
@@ -344,33 +402,46 @@ class TrainRun:
             if self._signal is not None and signum == signal.SIGINT:
                 raise KeyboardInterrupt
             self._signal = signum
-            if D.is_main():
-                print(
-                    f"received {signal.Signals(signum).name}: stopping after this step", flush=True
-                )
+            if os.environ.get("LOCAL_RANK", "0") == "0":  # one line per node that got it
+                name = signal.Signals(signum).name
+                print(f"rank {D.get_rank()}: received {name}: stopping after this step", flush=True)
 
         self._old_handlers = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
 
-    def _any_rank(self, flag: bool) -> bool:
-        """True if `flag` is true on any rank (all ranks must take the same branch)."""
-        if D.get_world_size() == 1:
-            return flag
-        dev = (
-            torch.device("cuda", torch.cuda.current_device())
-            if torch.cuda.is_initialized()
-            else "cpu"
+    def _sync(self, loss: torch.Tensor) -> dict:
+        """This step's one host sync: whether the loss is finite, whether a stop signal arrived,
+        whether a timed checkpoint is due, and the loss averaged over ranks, all in one
+        all-reduce (SUM) and one device-to-host copy; every rank then takes the same branch."""
+        due = self.args.ckpt_minutes > 0 and (
+            time.time() - self._t_saved >= 60 * self.args.ckpt_minutes
         )
-        t = torch.tensor([float(flag)], device=dev)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return bool(t.item())
+        loss = loss.detach().float()
+        flags = torch.stack(
+            [
+                (~torch.isfinite(loss).all()).float(),
+                loss.new_tensor(float(self._signal is not None)),
+                loss.new_tensor(float(due)),
+                loss.mean(),
+            ]
+        )
+        if D.get_world_size() > 1:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.SUM)
+        nonfinite, signal_, due_, loss_sum = flags.tolist()
+        return {
+            "nonfinite": nonfinite > 0,
+            "signal": signal_ > 0,
+            "ckpt_due": due_ > 0,
+            "loss": loss_sum / D.get_world_size(),
+        }
 
     def nonfinite(self, loss: torch.Tensor) -> bool:
         """Call before backward. False for a finite loss. Otherwise stops the run (exit code 3,
         the last checkpoint untouched) or, with --skip-nonfinite, counts the step as skipped
         and returns True: the caller then `continue`s without an update."""
-        self._checked = True
-        if not self._any_rank(not bool(torch.isfinite(loss.detach()).all())):
+        self._flags = self._sync(loss)
+        if not self._flags["nonfinite"]:
             return False
+        self._flags = None
         if not self.args.skip_nonfinite:
             raise FloatingPointError(
                 f"non-finite loss at step {self.step} (epoch {self.epoch}); stopped, the last "
@@ -405,33 +476,45 @@ class TrainRun:
                     return
             if evaluate and every and self.epoch % every == 0 and self.step < self.total:
                 evaluate(self.epoch)
+        if not self.stopped and self._saved_step != self.step:
+            self.save()  # the final weights are safe before the script's final evaluation
 
     def step_done(self, loss: torch.Tensor, **metrics: float) -> None:
-        """Count the finished step; log, checkpoint or stop when due."""
-        if not self._checked:  # the script did not call nonfinite() before its update
-            self.nonfinite(loss)
-        self._checked = False
+        """Count the finished step; log, checkpoint or stop when due. Uses the flags synced by
+        nonfinite() (called by the script before its update), so a step costs one host sync."""
+        flags = self._flags
+        if flags is None:  # the script did not call nonfinite() before its update
+            if self.nonfinite(loss):
+                return  # skipped (--skip-nonfinite): counted, nothing else to do
+            flags = self._flags
+        self._flags = None
         self.step += 1
         self.t_last_step = time.time()
         if self.step % self.args.log_every == 0 or self.step == self.total:
-            loss_mean = D.all_reduce_mean(loss.detach().float()).item()
             epoch = (self.step - 1) // self.steps_per_epoch  # the epoch this step belonged to
-            self.log.step(self.step, epoch, self.args.batch_size, loss=loss_mean, **metrics)
-        if self.args.ckpt_every and self.step % self.args.ckpt_every == 0:
-            self.save()
+            self.log.step(self.step, epoch, self.args.batch_size, loss=flags["loss"], **metrics)
+        periodic = self.ckpt_every and self.step % self.ckpt_every == 0
+        if (periodic or flags["ckpt_due"]) and self.step < self.total:
+            self.save()  # (the last step's checkpoint is written by batches())
         if self.args.max_steps and self.step >= self.args.max_steps and self.step < self.total:
-            self.save()
             self.stopped = "max_steps"
-        elif self._any_rank(self._signal is not None) and self.step < self.total:
-            self.save()
+        elif flags["signal"] and self.step < self.total:
             self.stopped = "preempted"
+        if self.stopped and self._saved_step != self.step:
+            self.save()
 
     def save(self) -> None:
         """OUT/checkpoint.pt (atomic), plus OUT/checkpoint-STEP.pt for the last --keep-last > 1."""
         from common.checkpoint import save_checkpoint
 
-        if not D.is_main():
-            return
+        self._saved_step, self._t_saved = self.step, time.time()
+        if D.is_main():
+            self._write_checkpoint(save_checkpoint)
+        # Every rank calls save() at the same step. No rank goes on (or exits, letting torchrun
+        # or srun tear the job down) before rank 0's checkpoint is on disk.
+        D.barrier()
+
+    def _write_checkpoint(self, save_checkpoint) -> None:
         path = self.out / "checkpoint.pt"
         save_checkpoint(
             path,
@@ -455,7 +538,7 @@ class TrainRun:
         """Final checkpoint (unless stopped early, which already saved) and the result line."""
         for sig, old in self._old_handlers.items():  # hand signals back (in-process callers)
             signal.signal(sig, old)
-        if not self.stopped:
+        if not self.stopped and self._saved_step != self.step:
             self.save()
         seconds = time.time() - self.t0
         images = (self.step - self.log.s0) * self.args.batch_size  # trained this session
@@ -502,23 +585,20 @@ def peak_memory_gib() -> float:
 
 
 def setup_run(args: argparse.Namespace) -> tuple[torch.device, Path]:
-    """Initialise distributed, validate args, seed, create OUT; returns (device, out_dir)."""
+    """Validate args, initialise distributed, seed; returns (device, out_dir).
+
+    OUT is not created here: TrainRun creates it and prints the config once the script has
+    loaded its data and checked its own flags, so that a run stopped by bad input (exit 2)
+    leaves no empty run folder and prints nothing but its error."""
     check_args(args, int(os.environ.get("WORLD_SIZE", "1")))  # before any work
     device = D.init_distributed(args.device, timeout_s=getattr(args, "dist_timeout", 600))
     check_same_config(args)
-    out = Path(args.out)
-    if D.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-    D.barrier()
     torch.manual_seed(args.seed + D.get_rank())
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if D.is_main():
-        cfg = {k: v for k, v in vars(args).items()}
-        print(f"config: {json.dumps(cfg)} world_size {D.get_world_size()} device {device}")
-    return device, out
+    return device, Path(args.out)
 
 
 def check_same_config(args: argparse.Namespace) -> None:

@@ -182,6 +182,46 @@ def test_transfer_to_an_image_folder(tiny_run, image_folder, tmp_path, monkeypat
     assert native["input_size"] == 64
 
 
+def with_unlabelled(data: ImageSet, extra: torch.Tensor) -> ImageSet:
+    """data with the images `extra` interleaved as unlabelled (label -1), as STL-10's train
+    split carries its unlabeled one; the labelled images keep their order."""
+    images, labels = [], []
+    for i in range(len(data)):
+        images.append(data.images[i])
+        labels.append(int(data.labels[i]))
+        if i % 2 == 0:  # every other labelled image is followed by an unlabelled one
+            images.append(extra[(i // 2) % len(extra)])
+            labels.append(-1)
+    return ImageSet(torch.stack(images), torch.tensor(labels), data.classes, data.mean,
+                    data.std, data.name)  # fmt: skip
+
+
+def test_transfer_ignores_unlabelled_images(tiny_run, image_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("SSL_CACHE_DIR", str(tmp_path / "cache"))
+    probe = ["--epochs", 5, "--lrs", 0.1, "--wds", 0, "--knn-k", 3, "--no-save"]
+    plain = ev("transfer", tiny_run, "--data", image_folder, *probe)
+    load = evaluate.load_split
+
+    def load_split(data, split):
+        s = load(data, split)
+        gen = torch.Generator().manual_seed(1)  # not the global RNG: the probe's init uses it
+        noise = torch.randint(0, 256, (3, *s.images.shape[1:]), dtype=torch.uint8, generator=gen)
+        return with_unlabelled(s, noise)  # -1 labels in the train and the test split
+
+    monkeypatch.setattr(evaluate, "load_split", load_split)
+    mixed = ev("transfer", tiny_run, "--data", image_folder, *probe)
+    keys = ["knn_top1", "linear_top1", "val_top1", "best_lr", "num_train", "num_test"]
+    assert {k: mixed[k] for k in keys} == {k: plain[k] for k in keys}
+    assert mixed["num_train"] == 10 and mixed["num_test"] == 4  # the labelled images only
+
+
+def test_probe_flags_are_checked_before_any_work():
+    with pytest.raises(ValueError, match="--knn-k must be > 0"):
+        ev("transfer", "runs/none", "--data", "x", "--knn-k", 0)
+    with pytest.raises(ValueError, match="--lrs needs one or more finite values > 0"):
+        ev("robustness", "runs/none", "--lrs", -1)
+
+
 def test_robustness(tiny_run):
     flags = "--limit-train 300 --limit-test 100 --epochs 5 --lrs 0.1 --wds 0 --severities 1 5"
     res = ev("robustness", tiny_run, *flags.split())

@@ -3,7 +3,6 @@ or unreachable ranks end the job within a bound, non-finite losses stop (or skip
 mismatched checkpoints or configs are named."""
 
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -87,21 +86,50 @@ def test_sigterm_checkpoints_exits_75_and_resumes_identically(cifar_tar, tmp_pat
     assert_same(weights(tmp_path), reference)
 
 
-def test_sigkill_at_a_random_moment_leaves_a_loadable_checkpoint(cifar_tar, tmp_path, reference):
-    args = cmd(cifar_tar, tmp_path, "--ckpt-every", "2", "--keep-last", "3")
+def test_sigkill_mid_epoch_resumes_from_the_default_periodic_checkpoint(
+    cifar_tar, tmp_path, reference
+):
+    """No checkpoint flag given: a SIGKILL in the middle of epoch 2 (8 steps an epoch) leaves
+    the checkpoint of epoch 1's end, and rerunning the command resumes from it."""
+    args = cmd(cifar_tar, tmp_path, "--keep-last", "3")
     proc = subprocess.Popen(
         args, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    wait_for_step(tmp_path, 4, proc)
-    time.sleep(random.uniform(0, 3))  # anywhere, including in the middle of a checkpoint write
+    wait_for_step(tmp_path, 12, proc)  # logged at step 12: mid-epoch 2 (steps 9-16)
     proc.kill()
     proc.wait()
     state = load_checkpoint(tmp_path)  # loadable whatever the moment
+    assert state["step"] in (8, 16)  # epoch boundaries only (16 if the kill came late)
     kept = sorted(p.name for p in tmp_path.glob("checkpoint-*.pt"))
     assert 1 <= len(kept) <= 3 and kept[-1] == f"checkpoint-{state['step']:08d}.pt"
     r = run(args)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert f"at step {state['step']}" in r.stdout
     assert_same(weights(tmp_path), reference)
+
+
+def test_timed_checkpoint_is_due_after_ckpt_minutes(cifar_tar, tmp_path):
+    """--ckpt-minutes: a checkpoint as soon as that much wall time passed since the last one
+    (here 1e-4 min: every step), even with step-based checkpoints off."""
+    r = run(
+        cmd(
+            cifar_tar,
+            tmp_path,
+            "--ckpt-every",
+            "0",
+            "--ckpt-minutes",
+            "1e-4",
+            "--keep-last",
+            "30",
+            "--epochs",
+            "1",
+            "--max-steps",
+            "5",
+        )
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    kept = sorted(int(p.stem.split("-")[1]) for p in tmp_path.glob("checkpoint-*.pt"))
+    assert kept == [1, 2, 3, 4, 5]
 
 
 def test_nonfinite_loss_stops_naming_the_step(cifar_tar, tmp_path):

@@ -3,6 +3,7 @@ and a short run whose k-NN accuracy beats the same backbone at random init."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -77,12 +78,14 @@ def test_linear_probe_cli_prints_json(cifar_tar, tmp_path):
         (["--data", "/definitely/missing"], "does not exist"),
         (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
         (["--batch-size", "0"], "--batch-size must be > 0"),
-        (["--lr", "-1"], "--lr must be >= 0"),
-        (["--temperature", "0"], "--temperature must be > 0"),
+        (["--lr", "-1"], "--lr must be in [0, inf]"),
+        (["--temperature", "0"], "--temperature must be in (0, inf]"),
         (["--batch-size", "4096"], "larger than the training set"),
+        (["--blur", "2"], "--blur must be in [0, 1]"),
     ],
 )
 def test_bad_input_stops_with_one_clear_message(cifar_tar, tmp_path, argv, msg):
+    run_dir = tmp_path / "run"
     cmd = [
         sys.executable,
         "simclr.py",
@@ -91,12 +94,142 @@ def test_bad_input_stops_with_one_clear_message(cifar_tar, tmp_path, argv, msg):
         "--data",
         cifar_tar,
         "--out",
-        str(tmp_path),
+        str(run_dir),
     ]
     out = subprocess.run(cmd + argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert msg in out.stderr and "Traceback" not in out.stderr
-    assert not (tmp_path / "checkpoint.pt").exists()
+    # Nothing before the error: no run folder left behind, no config printed.
+    assert not run_dir.exists() and out.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["--blur", "-0.1"], "--blur must be in [0, 1]"),
+        (["--jitter-strength=-1"], "--jitter-strength must be in [0, inf]"),
+        (["--momentum", "1"], "--momentum must be in [0, 1)"),
+        (["--lars-eta", "0"], "--lars-eta must be in (0, inf]"),
+        (["--lr", "nan"], "--lr must be in [0, inf]"),
+        (["--weight-decay=-1e-4"], "--weight-decay must be in [0, inf]"),
+        (["--warmup-epochs", "inf"], "--warmup-epochs must be in [0, inf]"),
+        (["--ckpt-minutes=-1"], "--ckpt-minutes must be in [0, inf]"),
+        (["--temperature", "nan"], "--temperature must be in (0, inf]"),
+        (["--proj-dim", "0"], "--proj-dim must be > 0"),
+    ],
+)
+def test_every_float_flag_is_range_checked_before_any_work(tmp_path, argv, msg):
+    args = simclr.get_args_parser().parse_args(
+        ["--preset", "tiny", "--data", "/not/read", "--out", str(tmp_path / "r"), *argv]
+    )
+    with pytest.raises(ConfigError, match=re.escape(msg)):
+        simclr.main(apply_preset(args, simclr.PRESETS))
+    assert not (tmp_path / "r").exists()
+
+
+def test_official_lr_rules_zero_jitter_and_huge_seeds(cifar_tar, tmp_path):
+    """sqrt scaling with the paper's base 0.075 when --lr is not given; --jitter-strength 0 is
+    kept (not replaced by the default); a seed past 2^64 is reduced, not an overflow."""
+    seed = 2**70 + 5
+    res = run_simclr(
+        cifar_tar, tmp_path, "--lr-scaling", "sqrt", "--jitter-strength", "0",
+        "--seed", str(seed), "--max-steps", "1",
+    )  # fmt: skip
+    assert res["steps"] == 1
+    state = load_checkpoint(tmp_path)
+    cfg = state["config"]
+    assert cfg["lr"] == 0.075 and cfg["jitter_strength"] == 0.0 and cfg["seed"] == seed % 2**63
+    assert state["scheduler"]["peak_lr"] == pytest.approx(0.075 * 128**0.5)
+    linear = simclr.get_args_parser().parse_args(["--preset", "tiny"])
+    linear = apply_preset(linear, simclr.PRESETS)
+    assert linear.lr is None and simclr.BASE_LR[linear.lr_scaling] == 1.0  # 1.0 x N/256
+
+
+def test_one_host_sync_per_step(cifar_tar, tmp_path, monkeypatch):
+    """Every training step, logging ones included, reads the device at most once (the
+    non-finite check, the stop signal, the timed checkpoint and the logged loss share it)."""
+    from common.train import TrainRun
+
+    syncs = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, **k):
+            syncs.append(1)
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    per_step = []
+    real_step_done = TrainRun.step_done
+
+    def step_done(self, loss, **metrics):
+        real_step_done(self, loss, **metrics)
+        per_step.append(len(syncs))
+        syncs.clear()
+
+    monkeypatch.setattr(TrainRun, "step_done", step_done)
+    run_simclr(cifar_tar, tmp_path, "--log-every", "1", "--max-steps", "4", "--epochs", "1")
+    assert len(per_step) == 4
+    assert per_step[1:] == [1, 1, 1]  # (the first step's count includes the set-up)
+
+
+def test_stl10_like_data_with_unlabelled_images(tmp_path, monkeypatch):
+    """STL-10's train split carries its unlabelled images (label -1): training uses them, the
+    k-NN bank is drawn from the labelled ones, and the final checkpoint is written before the final evaluation."""
+    from common.data import ImageSet
+
+    g = torch.Generator().manual_seed(0)
+
+    def fake(n, labelled):
+        labels = torch.arange(n) % 10 if labelled else torch.full((n,), -1)
+        images = torch.randint(0, 256, (n, 48, 48, 3), dtype=torch.uint8, generator=g)
+        return ImageSet(images, labels.long(), [str(c) for c in range(10)], (0.5,) * 3,
+                        (0.25,) * 3, "stl10")  # fmt: skip
+
+    def load_split(path, split, include_unlabeled=False, **kw):
+        if split == "test":
+            return fake(100, True)
+        train = fake(200, True)
+        if include_unlabeled:  # STL-10: labelled train images, then the unlabelled ones
+            extra = fake(312, False)
+            train.images = torch.cat([train.images, extra.images])
+            train.labels = torch.cat([train.labels, extra.labels])
+        return train
+
+    monkeypatch.setattr(simclr, "load_split", load_split)
+    saved_before_eval = []
+    real_knn = simclr.knn_top1
+
+    def knn_top1(model, bank, test, device, **kw):
+        saved_before_eval.append((tmp_path / "checkpoint.pt").exists())
+        assert (bank.labels >= 0).all() and len(bank) == 200  # every labelled image, no other
+        return real_knn(model, bank, test, device, **kw)
+
+    monkeypatch.setattr(simclr, "knn_top1", knn_top1)
+    res = run_simclr("unused", tmp_path, "--knn-bank", "400", "--limit-train", "512")
+    assert res["steps"] == 2 * 512 // 128  # all 512 images, labelled or not, were trained on
+    assert saved_before_eval == [True] and 0 <= res["knn_top1"] <= 100
+
+
+def test_a_copied_script_runs_without_the_op(cifar_tar, tmp_path):
+    """Copying simclr.py and common/ into another project, without the fused op's Python file
+    or its built extension: the tiny preset runs on the reference loss, with one warning."""
+    import shutil
+
+    shutil.copy(ROOT / "simclr.py", tmp_path / "simclr.py")
+    shutil.copytree(
+        ROOT / "common",
+        tmp_path / "common",
+        ignore=shutil.ignore_patterns("_C*.so", "nt_xent_op.py", "__pycache__"),
+    )
+    cmd = [sys.executable, "simclr.py", "--preset", "tiny", "--data", cifar_tar, "--device",
+           "cpu", "--epochs", "1", "--limit-test", "500", "--knn-bank", "500"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SSL_NT_XENT")}
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stderr.count("using the pure-PyTorch reference") == 1
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["steps"] == 8 and (tmp_path / "runs/simclr/checkpoint.pt").exists()
 
 
 def test_unreadable_image_is_named(image_folder, tmp_path):
