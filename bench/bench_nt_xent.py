@@ -1,10 +1,17 @@
-"""Fused NT-Xent op vs the eager reference vs torch.compile(reference), forward + backward.
+"""Fused NT-Xent op vs eager references vs torch.compile(reference), forward + backward.
 
     python bench/bench_nt_xent.py                                   # CPU, 2N in 1k,4k,16k,64k
     python bench/bench_nt_xent.py --device cuda --dtypes bf16,fp32 --sizes 1k,4k,16k,64k,256k
+    python bench/bench_nt_xent.py --sizes "" --shapes 1024x8192,512x32768,4096x65536
 
-SimCLR layout at world size 1: z [2N, d] is both the rows and the columns (as nt_xent_loss
-passes them), loss = mean over the 2N anchors, backward to z. Per configuration it prints the
+Two layouts. --sizes 2N: SimCLR at world size 1, z [2N, d] is both the rows and the columns (as
+nt_xent_loss passes them), backward to z. --shapes RxC: one rank of a multi-GPU run, R = 2n
+local rows against C gathered columns (rows and cols separate leaves, both get gradients; the
+local rows are columns 0..R-1's images). Loss = mean over the rows. Implementations: op (the
+fused op), eager (common.losses.nt_xent_reference: F.normalize, matmul, a boolean self mask,
+masked_fill, cross_entropy), lean (the leanest eager formulation: the same with the self
+logits set to -inf in place, no mask and no copy), compile (torch.compile of the reference).
+Per configuration it prints the
 median fwd+bwd wall time, the peak extra memory (CPU: peak RSS above the pre-call RSS, via
 VmHWM reset through /proc/self/clear_refs; CUDA: torch.cuda.max_memory_allocated above the
 pre-call allocation), the speedup and the memory ratio against the eager reference, and the
@@ -37,6 +44,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -45,6 +53,22 @@ from common.losses import nt_xent_reference, simclr_layout  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PEAK_TFLOPS = {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}  # H100 SXM dense
+
+
+def parse_shape(s: str) -> tuple[int, int]:
+    r, c = s.lower().split("x")
+    return parse_size(r), parse_size(c)
+
+
+def nt_xent_lean(rows, cols, pos_idx, self_idx, temperature):
+    """The leanest eager NT-Xent: no boolean R x C mask, self logits set to -inf in place
+    (mm's and div's backward do not need their outputs), then cross_entropy."""
+    acc = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    r = F.normalize(rows.to(acc), dim=1)
+    c = F.normalize(cols.to(acc), dim=1)
+    logits = (r @ c.t()).div_(temperature)
+    logits[torch.arange(len(rows), device=rows.device), self_idx] = float("-inf")
+    return F.cross_entropy(logits, pos_idx, reduction="none")
 
 
 def parse_size(s: str) -> int:
@@ -69,6 +93,13 @@ def _reset_cpu_peak() -> bool:
         return False
 
 
+def _load() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg()) + f" ({os.cpu_count()} CPUs)"
+    except OSError:
+        return "n/a"
+
+
 def ram_bytes() -> int:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -77,19 +108,27 @@ def ram_bytes() -> int:
 
 
 class Runner:
-    """One implementation at one size: fwd + bwd of loss.mean() on z [2N, d]."""
+    """One implementation at one shape: fwd + bwd of loss.mean(). R == C: z [2N, d] is rows and
+    cols; R < C: rows [R, d] and cols [C, d] are separate leaves (one rank's view)."""
 
-    def __init__(self, impl: str, n2: int, d: int, dtype: torch.dtype, device: str, T: float):
+    def __init__(
+        self, impl: str, R: int, C: int, d: int, dtype: torch.dtype, device: str, T: float
+    ):
         self.device = torch.device(device)
         g = torch.Generator().manual_seed(0)
-        self.z = torch.randn(n2, d, generator=g).to(self.device, dtype).requires_grad_()
-        self.pos, self.self_idx = simclr_layout(n2 // 2, 0, self.device)
+        self.z = torch.randn(C, d, generator=g).to(self.device, dtype).requires_grad_()
+        self.rows = None
+        if R != C:
+            self.rows = torch.randn(R, d, generator=g).to(self.device, dtype).requires_grad_()
+        self.pos, self.self_idx = simclr_layout(R // 2, 0, self.device)
         self.T = T
         self.impl = impl
         if impl == "op":
             self.fn = op.nt_xent_fused
         elif impl == "eager":
             self.fn = nt_xent_reference
+        elif impl == "lean":
+            self.fn = nt_xent_lean
         elif impl == "compile":
             self.fn = torch.compile(nt_xent_reference, dynamic=False)
         else:
@@ -97,7 +136,9 @@ class Runner:
 
     def step(self) -> torch.Tensor:
         self.z.grad = None
-        loss = self.fn(self.z, self.z, self.pos, self.self_idx, self.T).mean()
+        rows = self.z if self.rows is None else self.rows
+        rows.grad = None
+        loss = self.fn(rows, self.z, self.pos, self.self_idx, self.T).mean()
         loss.backward()
         return loss.detach()
 
@@ -113,7 +154,7 @@ class Runner:
         else:
             k = min(256, self.z.shape[0])
             i = torch.arange(k, device=self.device)
-            z = self.z.detach()[:k].requires_grad_()
+            z = self.z.detach()[:k].clone().requires_grad_()
             self.fn(z, z, (i + k // 2) % k, i, self.T).mean().backward()
         self.sync()
 
@@ -145,44 +186,63 @@ class Runner:
         return _status_bytes("VmHWM:") - base
 
 
-def cpu_peak_memory_subprocess(impl: str, n2: int, args, dname: str) -> int:
+def cpu_peak_memory_subprocess(impl: str, R: int, C: int, args, dname: str) -> int:
     """CPU peak RSS of one fwd+bwd, measured in a fresh process whose glibc serves (and returns)
     every allocation >= 64 KiB through mmap, so that freed memory cannot hide a peak. Timing runs
     in this process with the default allocator (mmap for everything would slow it down)."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    cmd = [sys.executable, __file__, "--mem-child", f"{impl}:{n2}:{dname}", "--d", str(args.d)]
+    cmd = [sys.executable, __file__, "--mem-child", f"{impl}:{R}:{C}:{dname}", "--d", str(args.d)]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"memory child failed: {res.stderr[-2000:]}")
     return int(res.stdout.strip().splitlines()[-1])
 
 
-def ref_estimate_bytes(n2: int) -> int:
+def ref_estimate_bytes(R: int, C: int) -> int:
     # logits, mask, masked logits, softmax / log-softmax and their grads: ~6 R x C fp32 buffers
-    return 6 * n2 * n2 * 4
+    return 6 * R * C * 4
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--sizes", default="1k,4k,16k,64k", help="2N values, e.g. 1k,4k,16k,64k,256k")
+    p.add_argument(
+        "--shapes", default="", help="multi-GPU RxC shapes, e.g. 1024x8192,512x32768,4096x65536"
+    )
     p.add_argument("--dtypes", default="fp32", help="comma list of fp32,bf16,fp16")
     p.add_argument("--d", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.1)
-    p.add_argument("--impls", default="op,eager,compile", help="comma list of op,eager,compile")
+    p.add_argument(
+        "--impls", default="op,eager,compile", help="comma list of op,eager,lean,compile"
+    )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--budget-s", type=float, default=20.0, help="stop repeating after this")
     p.add_argument("--ref-max", type=parse_size, default=None, help="largest 2N for the references")
     p.add_argument("--ref-mem-gib", type=float, default=None, help="reference memory limit")
     p.add_argument("--out", default=None, help="also write the markdown table here")
+    p.add_argument(
+        "--dry-run", action="store_true", help="parse the arguments, print the plan and exit"
+    )
     p.add_argument("--mem-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.mem_child:  # internal: one CPU peak-memory measurement (see above)
-        impl, n2, dname = args.mem_child.split(":")
-        runner = Runner(impl, int(n2), args.d, DTYPES[dname], "cpu", args.temperature)
+        impl, R, C, dname = args.mem_child.split(":")
+        runner = Runner(impl, int(R), int(C), args.d, DTYPES[dname], "cpu", args.temperature)
         runner.warm(full=impl == "compile")
         print(runner.peak_memory())
+        return
+    shapes = [(n, n) for n in (parse_size(s) for s in args.sizes.split(",") if s.strip())]
+    shapes += [parse_shape(s) for s in args.shapes.split(",") if s.strip()]
+    impls = [s.strip() for s in args.impls.split(",")]
+    dnames = [s.strip() for s in args.dtypes.split(",")]
+    bad = [i for i in impls if i not in ("op", "eager", "lean", "compile")]
+    bad += [dn for dn in dnames if dn not in DTYPES]
+    if bad or not shapes:
+        p.error(f"unknown impl/dtype {bad}" if bad else "no --sizes and no --shapes")
+    if args.dry_run:
+        print(f"plan: device {args.device}, dtypes {dnames}, impls {impls}, (R, C) {shapes}")
         return
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -198,20 +258,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.ref_mem_gib is not None:
         limit = args.ref_mem_gib * 2**30
 
-    sizes = [parse_size(s) for s in args.sizes.split(",")]
-    impls = [s.strip() for s in args.impls.split(",")]
     lines = [
         f"device: {args.device} ({devname}); torch {torch.__version__}; d = {args.d}; "
         f"T = {args.temperature}; fwd+bwd of loss.mean(), median of up to {args.repeats} runs",
         "",
-        "| 2N | dtype | impl | fwd+bwd ms | peak extra MiB | speedup vs eager | "
-        "eager mem / mem | TFLOP/s (8RCd) | % H100 peak | note |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---|",
+        f"load average before the run: {_load()}",
+        "",
+        "| R | C | dtype | impl | fwd+bwd ms | peak extra MiB | speedup vs eager | "
+        "vs lean | eager mem / mem | TFLOP/s (8RCd) | % H100 peak | note |",
+        "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     print("\n".join(lines), flush=True)
-    for dname in [s.strip() for s in args.dtypes.split(",")]:
+    for dname in dnames:
         dtype = DTYPES[dname]
-        for n2 in sizes:
+        for R, C in shapes:
             res: dict[str, tuple[float, int] | None] = {}
             notes: dict[str, str] = {}
             for impl in impls:
@@ -219,11 +279,11 @@ def main(argv: list[str] | None = None) -> None:
                     res[impl], notes[impl] = None, "not built"
                     continue
                 if impl != "op":
-                    too_big = ref_estimate_bytes(n2) > limit
-                    if (args.ref_max is not None and n2 > args.ref_max) or too_big:
+                    too_big = ref_estimate_bytes(R, C) > limit
+                    if (args.ref_max is not None and C > args.ref_max) or too_big:
                         res[impl] = None
                         notes[impl] = (
-                            f"skipped: needs ~{ref_estimate_bytes(n2) / 2**30:.0f} GiB "
+                            f"skipped: needs ~{ref_estimate_bytes(R, C) / 2**30:.0f} GiB "
                             f"(limit {limit / 2**30:.0f} GiB)"
                             if too_big
                             else "skipped (--ref-max)"
@@ -231,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
                         continue
                 runner = None
                 try:
-                    runner = Runner(impl, n2, args.d, dtype, args.device, args.temperature)
+                    runner = Runner(impl, R, C, args.d, dtype, args.device, args.temperature)
                     t = runner.timing(args.repeats, args.warmup, args.budget_s)
                     if args.device == "cuda":
                         mem = runner.peak_memory()
@@ -239,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
                         del runner
                         runner = None
                         gc.collect()
-                        mem = cpu_peak_memory_subprocess(impl, n2, args, dname)
+                        mem = cpu_peak_memory_subprocess(impl, R, C, args, dname)
                     res[impl] = (t, mem)
                     notes[impl] = ""
                 except torch.OutOfMemoryError:
@@ -253,15 +313,19 @@ def main(argv: list[str] | None = None) -> None:
                     gc.collect()
                     if args.device == "cuda":
                         torch.cuda.empty_cache()
-            eager = res.get("eager")
-            flops = 8.0 * n2 * n2 * args.d
+            eager, lean = res.get("eager"), res.get("lean")
+            flops = 8.0 * R * C * args.d
             for impl in impls:
                 r = res.get(impl)
                 if r is None:
-                    row = f"| {n2} | {dname} | {impl} | - | - | - | - | - | - | {notes[impl]} |"
+                    row = (
+                        f"| {R} | {C} | {dname} | {impl} | - | - | - | - | - | - | - "
+                        f"| {notes[impl]} |"
+                    )
                 else:
                     t, mem = r
                     speed = f"{eager[0] / t:.2f}x" if eager else "-"
+                    vs_lean = f"{lean[0] / t:.2f}x" if lean else "-"
                     memr = f"{eager[1] / mem:.1f}x" if eager and mem > 0 and eager[1] > 0 else "-"
                     tflops = flops / t / 1e12
                     pct = (
@@ -271,11 +335,13 @@ def main(argv: list[str] | None = None) -> None:
                     )
                     mem_s = f"{mem / 2**20:.1f}" if mem >= 0 else "n/a"
                     row = (
-                        f"| {n2} | {dname} | {impl} | {1e3 * t:.1f} | {mem_s} | {speed} | {memr} "
-                        f"| {tflops:.3f} | {pct} | {notes[impl]} |"
+                        f"| {R} | {C} | {dname} | {impl} | {1e3 * t:.1f} | {mem_s} | {speed} "
+                        f"| {vs_lean} | {memr} | {tflops:.3f} | {pct} | {notes[impl]} |"
                     )
                 lines.append(row)
                 print(row, flush=True)
+    lines.append(f"\nload average after the run: {_load()}")
+    print(lines[-1])
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")
 

@@ -1,17 +1,42 @@
 #!/usr/bin/env bash
-# GPU check of the fused NT-Xent op on one H100 (Python 3.12, torch 2.11, nvcc 13.0, no network,
-# no pip installs). Builds the extension in place for sm_90, runs the CUDA tests, then the
-# benchmark on cuda (bf16 and fp32; 2N up to 262,144 for the op alone). Logs go to $OUT
-# (default ./gpu_out); summary.txt has one line per step with its exit code and duration.
-# Finishes in under 8 minutes: every step has its own timeout, further capped by what is left of
-# an overall deadline (DEADLINE_S, default 470 s); a failing step does not stop the later ones, a
-# step with under 10 s left is skipped. Steps are ordered by importance.
+# GPU check of the fused NT-Xent op on a fresh GPU machine (e.g. one H100/H200: Python 3.12,
+# torch 2.11, nvcc 13.0, maybe no network). In order of importance, under one overall deadline
+# (DEADLINE_S, default 420 s = 7 minutes; every step has its own timeout, capped by what is left,
+# and a step with under 10 s left is skipped; a failing step does not stop the later ones):
+#   env          nvidia-smi, Python / torch / CUDA versions
+#   install      pip install ninja pytest numpy scikit-learn (best effort: without network the
+#                ones already importable are used; a missing one is named clearly)
+#   cuda_version nvcc's CUDA major version must equal torch.version.cuda's (else the build fails:
+#                said clearly, here, rather than as a compiler error)
+#   build        python setup.py build_ext --inplace, CUDA forced (SSL_BUILD_CUDA=1), sm_90
+#   test_cuda    the CUDA tests of tests/test_nt_xent_op.py (incl. the first-use self-check)
+#   bench_*      the op benchmark, bf16 unless named: first the targets (2N = 16k and 64k, and
+#                the multi-GPU shape (R, C) = (1024, 8192); op, eager and lean references), the
+#                2N = 262,144 case (op alone) and the other multi-GPU shapes (512, 32768),
+#                (4096, 65536); after the SimCLR run, 1k/4k and fp32, and torch.compile of the
+#                reference last (compiling is slow)
+#   simclr       a 2-minute simclr.py run at full width (ResNet-18, the gpu preset) on CIFAR-10
+#                ($DATA; skipped when absent): img/s and the NT-Xent implementation it used
+# The steps' own limits add up to more than the deadline: what runs out of time is the least
+# important (the later steps), and the summary says so.
+# Tables and logs go to $OUT (default ./gpu_out); summary.txt has one line per step with its
+# exit code and duration.
 #
-#   bash bench/gpu_check.sh            # from the repository root (or anywhere: it cd's there)
+#   bash bench/gpu_check.sh             # from anywhere (it cd's to the repository root)
+#   bash bench/gpu_check.sh --dry-run   # no GPU needed: checks the environment logic and that
+#                                       # every command parses (bench --dry-run, pytest
+#                                       # --collect-only, simclr's argument parser); CI runs it
 set -u -o pipefail
-set -x
 
-cd "$(dirname "$0")/.."
+DRY=0
+if [[ "${1:-}" == "--dry-run" ]]; then
+  DRY=1
+elif [[ $# -gt 0 ]]; then
+  echo "usage: bash bench/gpu_check.sh [--dry-run]" >&2
+  exit 2
+fi
+
+cd "$(dirname "$0")/.." || exit 2
 OUT="${OUT:-./gpu_out}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python}"
@@ -19,67 +44,164 @@ export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 export PATH="$CUDA_HOME/bin:$PATH"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export SSL_BUILD_CUDA=1
-export MAX_JOBS="${MAX_JOBS:-8}"
+export MAX_JOBS="${MAX_JOBS:-16}"
 export PYTHONUNBUFFERED=1
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 T_ALL=$(date +%s)
-DEADLINE_S="${DEADLINE_S:-470}"
+DEADLINE_S="${DEADLINE_S:-420}"
+FAILED=0
+
+note() { echo "$*" | tee -a "$SUMMARY"; }
 
 # step NAME TIMEOUT_S CMD...: run CMD with a timeout, log to $OUT/NAME.log, record rc and time.
+# Dry run: CMD is only printed, except where the caller passes a checking command through
+# DRY_CMD (a command that parses the real one's arguments without running it).
 step() {
   local name=$1 limit=$2
   shift 2
   local t0 rc left
   t0=$(date +%s)
+  if (( DRY )); then
+    if [[ -n "${DRY_CMD:-}" ]]; then
+      bash -c "$DRY_CMD" > "$OUT/$name.log" 2>&1
+      rc=$?
+      (( rc != 0 )) && FAILED=1 && tail -n 20 "$OUT/$name.log"
+      note "$name dry-run rc=$rc: $*"
+    else
+      note "$name dry-run (not run): $*"
+    fi
+    return 0
+  fi
   left=$(( DEADLINE_S - (t0 - T_ALL) ))
   if (( left < 10 )); then
-    echo "$name skipped: overall deadline reached" | tee -a "$SUMMARY"
+    note "$name skipped: overall deadline reached"
     return 0
   fi
   (( limit > left )) && limit=$left
   timeout --signal=INT --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
   rc=$?
-  echo "$name rc=$rc ${limit}s-limit took=$(( $(date +%s) - t0 ))s" | tee -a "$SUMMARY"
+  (( rc != 0 )) && FAILED=1
+  note "$name rc=$rc ${limit}s-limit took=$(( $(date +%s) - t0 ))s"
   tail -n 25 "$OUT/$name.log"
   return 0
 }
 
-step env 30 bash -c "nvidia-smi; $PY -c 'import sys, torch; print(sys.version); \
-print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))'; nvcc --version"
+# "13.0" -> "13"; empty when there is no version.
+major() { echo "${1%%.*}"; }
 
-# Build in place (common/_C*.so); a clean build so that a stale CPU-only .so cannot be picked up.
-rm -rf build common/_C*.so
+# CUDA release of nvcc ("13.0"), empty without nvcc.
+nvcc_release() {
+  command -v nvcc > /dev/null 2>&1 || return 0
+  nvcc --version 2>/dev/null | sed -n 's/.*release \([0-9][0-9]*\.[0-9][0-9]*\).*/\1/p' | head -n 1
+}
+
+# ---- env (always runs: cheap, and the dry run checks that Python and torch import) ----
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
+  command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version \
+    --format=csv,noheader
+  "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__,
+"cuda", torch.version.cuda, "gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available()
+else None)'
+  echo "nvcc: $(nvcc_release)"
+} > "$OUT/env.log" 2>&1
+note "env: $(tr '\n' ';' < "$OUT/env.log")"
+
+# ---- install: best effort, then check what is importable ----
+PKGS=(ninja pytest numpy scikit-learn)
+if (( DRY )); then
+  note "install dry-run (not run): pip install ${PKGS[*]}"
+else
+  timeout 60 "$PY" -m pip install -q --disable-pip-version-check --retries 0 --timeout 5 "${PKGS[@]}" \
+    > "$OUT/install.log" 2>&1
+  note "install rc=$? (pip install ${PKGS[*]}; without network the installed ones are used)"
+fi
+MISSING=$("$PY" - <<'EOF'
+import importlib.util, shutil
+mods = {"pytest": "pytest", "numpy": "numpy", "scikit-learn": "sklearn"}
+miss = [p for p, m in mods.items() if importlib.util.find_spec(m) is None]
+if shutil.which("ninja") is None and importlib.util.find_spec("ninja") is None:
+    miss.append("ninja")
+print(" ".join(miss))
+EOF
+)
+if [[ -n "$MISSING" ]]; then
+  note "MISSING PACKAGES: $MISSING (pip could not install them; the steps that need them fail)"
+fi
+
+# ---- cuda_version: nvcc's major must equal torch's ----
+TORCH_CUDA=$("$PY" -c 'import torch; print(torch.version.cuda or "")' 2>/dev/null)
+NVCC_CUDA=$(nvcc_release)
+if [[ -z "$TORCH_CUDA" ]]; then
+  note "CUDA VERSION CHECK: torch is a CPU-only build (torch.version.cuda is None): no CUDA kernels"
+  CUDA_OK=0
+elif [[ -z "$NVCC_CUDA" ]]; then
+  note "CUDA VERSION CHECK: no nvcc under CUDA_HOME=$CUDA_HOME or on PATH: cannot build"
+  CUDA_OK=0
+elif [[ "$(major "$NVCC_CUDA")" != "$(major "$TORCH_CUDA")" ]]; then
+  note "CUDA VERSION MISMATCH: nvcc is CUDA $NVCC_CUDA but torch was built with CUDA" \
+    "$TORCH_CUDA; the extension cannot be built. Point CUDA_HOME at a CUDA" \
+    "$(major "$TORCH_CUDA").x toolkit or install the matching torch."
+  CUDA_OK=0
+else
+  note "cuda_version ok: nvcc $NVCC_CUDA, torch CUDA $TORCH_CUDA"
+  CUDA_OK=1
+fi
+(( CUDA_OK )) || FAILED=1
+if [[ -n "${GPU_CHECK_STOP_AFTER_ENV:-}" ]]; then  # test hook: the environment checks only
+  exit "$FAILED"
+fi
+
+# ---- build: clean, so that a stale CPU-only .so cannot be picked up ----
+if (( ! DRY )); then
+  rm -rf build common/_C*.so
+fi
 step build 200 "$PY" setup.py build_ext --inplace
 
-step smoke 45 "$PY" -c "
-import torch
-from common import nt_xent_op as op
-from common.losses import nt_xent_reference
-print('load error:', repr(op.load_error()), 'cpu:', op.available('cpu'), 'cuda:', op.available('cuda'))
-z = torch.randn(512, 128, device='cuda')
-i = torch.arange(512, device='cuda')
-pos = (i + 256) % 512
-for dt in (torch.float32, torch.bfloat16):
-    a = op.nt_xent_fused(z.to(dt), z.to(dt), pos, i, 0.1)
-    b = nt_xent_reference(z.to(dt).double(), z.to(dt).double(), pos, i, 0.1)
-    print(dt, 'max |loss - ref| =', (a.double() - b).abs().max().item())
-"
+TESTS=(tests/test_nt_xent_op.py -k cuda -q -rs -p no:cacheprovider)
+DRY_CMD="$PY -m pytest ${TESTS[*]} --collect-only" step test_cuda 80 "$PY" -m pytest "${TESTS[@]}"
 
-# CUDA tests (all named *cuda*); the CPU tests of the same file run last.
-step test_cuda 120 "$PY" -m pytest tests/test_nt_xent_op.py -k cuda -q -rs -p no:cacheprovider
+# ---- benchmarks: the targets, 262,144 and the multi-GPU shapes first, torch.compile last ----
+BENCH="$PY bench/bench_nt_xent.py --device cuda --repeats 5 --budget-s 5"
+B_TARGETS="$BENCH --dtypes bf16 --sizes 16k,64k --shapes 1024x8192 --impls op,eager,lean \
+--out $OUT/bench_targets.md"
+B_256K="$BENCH --dtypes bf16 --sizes 256k --impls op --repeats 3 --out $OUT/bench_256k.md"
+B_MULTI="$BENCH --dtypes bf16 --sizes '' --shapes 512x32768,4096x65536 --impls op,eager,lean \
+--out $OUT/bench_multi.md"
+B_SQUARE="$BENCH --dtypes bf16,fp32 --sizes 1k,4k,16k --impls op,eager,lean \
+--out $OUT/bench_square.md"
+B_COMPILE="$BENCH --dtypes bf16 --sizes 16k --shapes 1024x8192 --impls op,compile \
+--out $OUT/bench_compile.md"
+DRY_CMD="$B_TARGETS --dry-run" step bench_targets 50 bash -c "$B_TARGETS"
+DRY_CMD="$B_256K --dry-run" step bench_256k 25 bash -c "$B_256K"
+DRY_CMD="$B_MULTI --dry-run" step bench_multi 30 bash -c "$B_MULTI"
 
-# Benchmarks. op + eager reference for both dtypes (the fp32 reference at 64k needs ~96 GiB and
-# is reported as skipped), torch.compile(reference) at 16k only (compiling per shape is slow),
-# then the op alone at 2N = 262,144 (the reference would need ~1.5 TiB).
-step bench_cuda 110 "$PY" bench/bench_nt_xent.py --device cuda --dtypes bf16,fp32 \
-  --sizes 1k,4k,16k,64k --impls op,eager --repeats 5 --budget-s 10 --out "$OUT/bench_cuda.md"
-step bench_cuda_compile 80 "$PY" bench/bench_nt_xent.py --device cuda --dtypes bf16 \
-  --sizes 16k --impls op,eager,compile --repeats 5 --budget-s 10 --out "$OUT/bench_cuda_compile.md"
-step bench_cuda_256k 90 "$PY" bench/bench_nt_xent.py --device cuda --dtypes bf16,fp32 \
-  --sizes 256k --impls op --repeats 3 --budget-s 20 --out "$OUT/bench_cuda_256k.md"
+# ---- a 2-minute SimCLR run at full width (img/s, and which NT-Xent implementation ran) ----
+DATA="${DATA:-}"
+for cand in shared/data/cifar10-jpeg.tar.gz ../shared/data/cifar10-jpeg.tar.gz ./data; do
+  [[ -z "$DATA" && -e "$cand" ]] && DATA=$cand
+done
+SIMCLR_ARGS="--preset gpu --width 64 --data ${DATA:-./data} --out $OUT/simclr --fresh \
+--time-budget 2 --limit-test 2000 --knn-bank 10000 --log-every 20"
+if [[ -z "$DATA" && $DRY -eq 0 ]]; then
+  note "simclr skipped: no CIFAR-10 found (set DATA=...)"
+else
+  DRY_CMD="$PY -c 'import sys, simclr; simclr.get_args_parser().parse_args(sys.argv[1:])' \
+$SIMCLR_ARGS" step simclr 160 bash -c "$PY simclr.py $SIMCLR_ARGS"
+  if (( ! DRY )) && [[ -f "$OUT/simclr.log" ]]; then
+    note "simclr: $(grep -E 'img/s' "$OUT/simclr.log" | tail -n 1)"
+    note "simclr: $(grep -iE 'nt.?xent|impl' "$OUT/simclr.log" | tail -n 1)"
+  fi
+fi
 
-step test_cpu 90 "$PY" -m pytest tests/test_nt_xent_op.py -k "not cuda" -q -rs -p no:cacheprovider
+DRY_CMD="$B_SQUARE --dry-run" step bench_square 60 bash -c "$B_SQUARE"
+DRY_CMD="$B_COMPILE --dry-run" step bench_compile 60 bash -c "$B_COMPILE"
 
-echo "total $(( $(date +%s) - T_ALL ))s" | tee -a "$SUMMARY"
+note "total $(( $(date +%s) - T_ALL ))s; any step failed: $FAILED"
 cat "$SUMMARY"
+# The dry run fails on a broken command (CI); a real run reports through summary.txt.
+if (( DRY )); then
+  exit "$FAILED"
+fi
+exit 0

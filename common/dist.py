@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -72,37 +73,102 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+# Backends (by name) whose process group lacked all_gather_into_tensor / reduce_scatter_tensor
+# the first time they were tried: those use the list all-gather and all-reduce + slice instead.
+_NO_TENSOR_COLLECTIVES: set[str] = set()
+# Set once the equal-size check of all_gather_with_grad has run in this process.
+_GATHER_SIZES_CHECKED = False
+
+
+def _tensor_collective(name: str, fn, fallback):
+    """fn() with the tensor collective, or fallback() where the backend lacks it (checked once
+    per backend: every rank of a group has the same backend, so all take the same branch)."""
+    backend = str(dist.get_backend())
+    if backend not in _NO_TENSOR_COLLECTIVES:
+        try:
+            with warnings.catch_warnings():
+                # torch >= 2.12 renames these (all_gather_single, reduce_scatter_single); the
+                # names used here are those of torch 2.11, which the GPU machines run
+                warnings.simplefilter("ignore", FutureWarning)
+                return fn()
+        except (RuntimeError, NotImplementedError, AttributeError) as e:
+            if backend == "nccl":  # nccl has both: a real error, not a missing feature
+                raise
+            _NO_TENSOR_COLLECTIVES.add(backend)
+            warnings.warn(
+                f"{name} is not supported by {backend} ({e}); using the list fallback",
+                stacklevel=3,
+            )
+    return fallback()
+
+
+def _check_equal_sizes(x: torch.Tensor) -> None:
+    """First call only: all ranks gather with equal leading sizes (a data loader with
+    drop_last / DistributedSampler keeps them equal afterwards). Once, because reading the
+    sizes back is a host sync that a training step should not pay every time."""
+    global _GATHER_SIZES_CHECKED
+    if _GATHER_SIZES_CHECKED:
+        return
+    ws = dist.get_world_size()
+    n = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(ws)]
+    dist.all_gather(sizes, n)
+    got = [int(s.item()) for s in sizes]
+    if len(set(got)) != 1:
+        raise ValueError(f"all_gather_with_grad needs equal sizes on every rank, got {got}")
+    _GATHER_SIZES_CHECKED = True
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
     """All-gather along dim 0 whose backward hands each rank the summed gradient of its slice.
 
     Every rank's loss depends on every rank's embeddings (they are each other's negatives), so
     the gradient of the *total* loss w.r.t. this rank's slice is the sum over ranks of the
-    gradients they computed for it: all-reduce, then keep the own slice. Keeping only the local
-    gradient (a common bug) drops the negatives' contribution from the other ranks.
+    gradients they computed for it: a reduce-scatter (sum) of the [world * n, ...] gradient.
+    Keeping only the local gradient (a common bug) drops the negatives' contribution from the
+    other ranks. Forward: all_gather_into_tensor into one buffer; backward: reduce_scatter_tensor
+    (each rank receives only its own n rows, not the whole summed gradient).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         ws = dist.get_world_size()
-        sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(ws)]
-        dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
-        sizes = [int(s.item()) for s in sizes]
-        if len(set(sizes)) != 1:
-            raise ValueError(f"all_gather_with_grad needs equal sizes on every rank, got {sizes}")
-        out = [torch.empty_like(x) for _ in range(ws)]
-        dist.all_gather(out, x.contiguous())
-        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
-        return torch.cat(out, 0)
+        x = x.contiguous()
+        _check_equal_sizes(x)
+        out = x.new_empty((ws * x.shape[0], *x.shape[1:]))
+
+        def fallback() -> torch.Tensor:
+            dist.all_gather(list(out.chunk(ws)), x)
+            return out
+
+        ctx.rank, ctx.ws = dist.get_rank(), ws
+        return _tensor_collective(
+            "all_gather_into_tensor",
+            lambda: (dist.all_gather_into_tensor(out, x), out)[1],
+            fallback,
+        )
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.contiguous()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
+        n = grad.shape[0] // ctx.ws
+        out = grad.new_empty((n, *grad.shape[1:]))
+
+        def fallback() -> torch.Tensor:
+            full = grad.clone()
+            dist.all_reduce(full, op=dist.ReduceOp.SUM)
+            return full[ctx.rank * n : (ctx.rank + 1) * n]
+
+        return _tensor_collective(
+            "reduce_scatter_tensor",
+            lambda: (dist.reduce_scatter_tensor(out, grad, op=dist.ReduceOp.SUM), out)[1],
+            fallback,
+        )
 
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """[n, ...] on each rank -> [world_size * n, ...] in rank order; identity without a group."""
+    """[n, ...] on each rank -> [world_size * n, ...] in rank order; identity without a group.
+    n must be equal on every rank (checked on the first call)."""
     if get_world_size() == 1:
         return x
     return _AllGatherWithGrad.apply(x)

@@ -12,7 +12,10 @@ Three layers, top to bottom:
   (csrc/, never builds the R x C matrix) or to the pure-PyTorch reference below, chosen by the
   environment variable SSL_NT_XENT = auto (default: the op when built) | ext | ref. Under
   `auto` a missing op (common/nt_xent_op.py or its built extension absent, as in a script
-  copied into another project) falls back to the reference with one warning.
+  copied into another project) falls back to the reference with one warning. Before its first
+  use on a device the op is compared with the fp64 reference (nt_xent_op.self_check); on a
+  mismatch `auto` warns once and uses the reference, `ext` raises. nt_xent_impl_used() names
+  the implementation of the last call, for a run's result line.
 - `nt_xent_reference(...)`: the same contract in plain PyTorch, materialising R x C logits.
 """
 
@@ -63,6 +66,26 @@ def _warn_fallback(why: str) -> None:
         )
 
 
+_SELF_CHECK_WARNED: set[str] = set()
+_IMPL_USED = "none"
+
+
+def _warn_self_check(device: torch.device, why: str) -> None:
+    if str(device) not in _SELF_CHECK_WARNED:
+        _SELF_CHECK_WARNED.add(str(device))
+        warnings.warn(
+            f"NT-Xent: the fused op failed its first-use self-check on {device} ({why}); using "
+            "the pure-PyTorch reference. Please report this (SSL_NT_XENT=ext makes it an error).",
+            stacklevel=3,
+        )
+
+
+def nt_xent_impl_used() -> str:
+    """The implementation the last nt_xent_rows call used, for a run's result line: "ext",
+    "ref", "ref (fallback: not built)" or "ref (fallback: self-check failed)"; "none" before."""
+    return _IMPL_USED
+
+
 def _impl() -> str:
     impl = os.environ.get("SSL_NT_XENT", "auto").lower()
     if impl not in IMPLS:
@@ -78,9 +101,11 @@ def nt_xent_rows(
     temperature: float,
 ) -> torch.Tensor:
     """Per-row NT-Xent [R] with an explicit layout; the fused op when available (see module doc)."""
+    global _IMPL_USED
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     impl = _impl()
+    _IMPL_USED = "ref"
     if impl != "ref":
         try:
             from common import nt_xent_op  # the Python side of the C++/CUDA extension
@@ -88,9 +113,22 @@ def nt_xent_rows(
             if impl == "ext":
                 raise
             _warn_fallback(f"{type(e).__name__}: {e}")
+            _IMPL_USED = "ref (fallback: not built)"
             return nt_xent_reference(rows, cols, pos_idx, self_idx, temperature)
         if nt_xent_op.available(rows.device):
-            return nt_xent_op.nt_xent_fused(rows, cols, pos_idx, self_idx, temperature)
+            # first use on this device in this process: compare with the fp64 reference
+            why = nt_xent_op.self_check(rows.device, rows.shape[1])
+            if why is None:
+                _IMPL_USED = "ext"
+                return nt_xent_op.nt_xent_fused(rows, cols, pos_idx, self_idx, temperature)
+            if impl == "ext":
+                raise RuntimeError(
+                    f"SSL_NT_XENT=ext but the fused NT-Xent op failed its self-check on "
+                    f"{rows.device}: {why}"
+                )
+            _warn_self_check(rows.device, why)
+            _IMPL_USED = "ref (fallback: self-check failed)"
+            return nt_xent_reference(rows, cols, pos_idx, self_idx, temperature)
         if impl == "ext":
             raise RuntimeError(
                 "SSL_NT_XENT=ext but the fused NT-Xent op is not built for "
@@ -98,6 +136,7 @@ def nt_xent_rows(
                 "Build it with `python setup.py build_ext --inplace`."
             )
         _warn_fallback(nt_xent_op.load_error() or f"built without {rows.device.type} kernels")
+        _IMPL_USED = "ref (fallback: not built)"
     return nt_xent_reference(rows, cols, pos_idx, self_idx, temperature)
 
 

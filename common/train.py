@@ -44,12 +44,19 @@ RESUMABLE_CHANGES = set(
 )
 
 
+# --time-budget: steps BUDGET_WARM+1..BUDGET_PROBE are timed to set the run's step count.
+BUDGET_WARM, BUDGET_PROBE = 3, 12
+
+
 class ConfigError(ValueError):
     """A bad command-line value, reported before any work starts."""
 
 
 def base_parser(
-    method: str, description: str, backbones: tuple[str, ...] = ("resnet18", "resnet50")
+    method: str,
+    description: str,
+    backbones: tuple[str, ...] = ("resnet18", "resnet50"),
+    presets: tuple[str, ...] = ("tiny", "cpu", "gpu"),
 ) -> argparse.ArgumentParser:
     """The flags every method shares. Preset-controlled flags default to None (= take preset)."""
     p = argparse.ArgumentParser(
@@ -59,7 +66,7 @@ def base_parser(
         "--data", default=DEFAULT_DATA, help="dataset folder or tarball (default ./data)"
     )
     p.add_argument("--out", default=f"runs/{method}", help="run directory")
-    p.add_argument("--preset", choices=["tiny", "cpu", "gpu"], help="default: gpu if CUDA else cpu")
+    p.add_argument("--preset", choices=presets, help="default: gpu if CUDA else cpu")
     p.add_argument("--epochs", type=int, help="training epochs")
     p.add_argument("--batch-size", type=int, help="global batch size (all ranks together)")
     p.add_argument("--lr", type=float, help="base learning rate (scaled with the global batch)")
@@ -92,6 +99,12 @@ def base_parser(
         help="also checkpoint when this many minutes passed since the last one (0: never)",
     )
     p.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after N steps in all")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        help="train for MIN minutes of wall time (replaces --epochs): the step count is set "
+        "from the measured step time after the first steps, so the lr schedule ends on time",
+    )
     p.add_argument("--keep-last", type=int, default=1, help="also keep the last K step checkpoints")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
     p.add_argument(
@@ -156,6 +169,7 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
     check_range(args, "weight_decay", 0)
     check_range(args, "warmup_epochs", 0)
     check_range(args, "ckpt_minutes", 0)
+    check_range(args, "time_budget", 0, lo_open=True)
     check_range(args, "temperature", 0, lo_open=True)
     # Any integer is a valid seed; reduce it so that every generator seeded from it (with rank,
     # step or epoch added) stays in range. Seeds below 2^63 are unchanged.
@@ -321,6 +335,10 @@ class TrainRun:
         self.ckpt_every = steps_per_epoch if args.ckpt_every is None else args.ckpt_every
         self.total = args.epochs * steps_per_epoch
         self.warmup = round(args.warmup_epochs * steps_per_epoch)
+        # --time-budget: `total` is provisional until BUDGET_PROBE steps have been timed; the
+        # warm-up (which does not depend on `total`) should cover them.
+        self.budgeted = getattr(args, "time_budget", None) is not None
+        self._t_probe: float | None = None
         self.peak_lr = peak_lr
         self.step = 0
         self.stopped: str | None = None
@@ -379,6 +397,8 @@ class TrainRun:
                 f"cannot resume {path}: its config differs ({'; '.join(diff)}). "
                 "Use the same flags, another --out, or --fresh to start over"
             )
+        if self.budgeted and state["step"] >= BUDGET_PROBE:  # the step count it settled on
+            self.total = state["scheduler"]["total"]
         self.backbone.load_state_dict(state["backbone"])
         if self.head is not None:
             self.head.load_state_dict(state["head"])
@@ -474,6 +494,8 @@ class TrainRun:
                 yield x
                 if self.stopped:
                     return
+                if self.step >= self.total:  # a --time-budget run may end mid-epoch
+                    break
             if evaluate and every and self.epoch % every == 0 and self.step < self.total:
                 evaluate(self.epoch)
         if not self.stopped and self._saved_step != self.step:
@@ -490,6 +512,8 @@ class TrainRun:
         self._flags = None
         self.step += 1
         self.t_last_step = time.time()
+        if self.budgeted:
+            self._settle_budget()
         if self.step % self.args.log_every == 0 or self.step == self.total:
             epoch = (self.step - 1) // self.steps_per_epoch  # the epoch this step belonged to
             self.log.step(self.step, epoch, self.args.batch_size, loss=flags["loss"], **metrics)
@@ -502,6 +526,26 @@ class TrainRun:
             self.stopped = "preempted"
         if self.stopped and self._saved_step != self.step:
             self.save()
+
+    def _settle_budget(self) -> None:
+        """--time-budget: after BUDGET_PROBE steps (timing the last ones, past the first steps'
+        allocations, cudnn autotuning or compilation), set `total` so that training ends when
+        the budget, counted from the start of training, is spent. Rank 0 decides for all."""
+        if self._t_probe is None and BUDGET_WARM <= self.step < BUDGET_PROBE:
+            self._t_probe, self._probe_from = time.time(), self.step  # (or where a run resumed)
+        if self.step != BUDGET_PROBE or self._t_probe is None:
+            return
+        now = time.time()
+        per_step = (now - self._t_probe) / (BUDGET_PROBE - self._probe_from)
+        left = 60 * self.args.time_budget - (now - self.t0)
+        total = self.step + max(0, int(left / per_step))
+        self.total = self.log.total = D.broadcast_object(total)
+        if D.is_main():
+            print(
+                f"time budget {self.args.time_budget:g} min: {per_step:.3f} s/step, "
+                f"{self.total} steps ({self.total / self.steps_per_epoch:.2f} epochs)",
+                flush=True,
+            )
 
     def save(self) -> None:
         """OUT/checkpoint.pt (atomic), plus OUT/checkpoint-STEP.pt for the last --keep-last > 1."""
@@ -534,7 +578,7 @@ class TrainRun:
             for old in sorted(self.out.glob("checkpoint-*.pt"))[: -self.args.keep_last]:
                 old.unlink()
 
-    def finish(self, **results: float) -> dict:
+    def finish(self, **results: float | str) -> dict:
         """Final checkpoint (unless stopped early, which already saved) and the result line."""
         for sig, old in self._old_handlers.items():  # hand signals back (in-process callers)
             signal.signal(sig, old)
@@ -548,11 +592,14 @@ class TrainRun:
         result = {
             "command": launch_command(self.method),
             "method": self.method,
-            "epochs": self.args.epochs,
+            "epochs": round(self.step / self.steps_per_epoch, 2)
+            if self.budgeted
+            else self.args.epochs,
             "steps": self.step,
             **results,
             # Efficiency (this process; the images/s of the whole job, all ranks together)
-            "train_minutes": round(seconds / 60, 2),
+            "train_minutes": round((self.t_last_step - self.t0) / 60, 2),  # to the last step
+            "total_minutes": round(seconds / 60, 2),  # with the final evaluation
             "img_per_s": round(images / max(self.t_last_step - self.t0, 1e-9), 1),  # training
             "peak_mem_gib": round(peak_memory_gib(), 3),
             "params_m": round(n_params / 1e6, 3),

@@ -260,10 +260,11 @@ template <typename acc_t>
 void bwd_impl(const acc_t* g, const acc_t* r, const acc_t* c, const int64_t* pos,
               const int64_t* self, const acc_t* lse, const acc_t* inv_r, const acc_t* inv_c,
               int64_t R, int64_t C, int64_t d, acc_t inv_t, acc_t* grad_r, acc_t* grad_c) {
+  // A null output skips its pass (the input needs no gradient).
   // Pass 1: grad_rows. grad_rhat_i = g_i / T * sum_j (p_ij - [j == pos_i]) * chat_j, with
   // chat_j = cols_j * inv_c[j]: the inv_c factor is folded into the tile before the product.
-  const int64_t n_rt = (R + kBR - 1) / kBR;
-  at::parallel_for(0, n_rt, 1, [&](int64_t t0, int64_t t1) {
+  const int64_t n_rt = grad_r != nullptr ? (R + kBR - 1) / kBR : 0;
+  if (n_rt > 0) at::parallel_for(0, n_rt, 1, [&](int64_t t0, int64_t t1) {
     c10::InferenceMode guard;
     std::vector<acc_t> sbuf(kBR * kBC), abuf(kBR * d);
     for (int64_t t = t0; t < t1; ++t) {
@@ -288,6 +289,7 @@ void bwd_impl(const acc_t* g, const acc_t* r, const acc_t* c, const int64_t* pos
 
   // Pass 2: grad_cols. grad_chat_j = 1 / T * sum_i g_i (p_ij - [j == pos_i]) * rhat_i: stream
   // row tiles against a fixed column tile, the transposed tile is [BC, BR].
+  if (grad_c == nullptr) return;
   std::vector<acc_t> gw(R);  // g_i * inv_r[i], the row-side weight of each G^T column
   for (int64_t i = 0; i < R; ++i) gw[i] = g[i] * inv_r[i];
   const int64_t n_ct = (C + kBC - 1) / kBC;
@@ -349,7 +351,7 @@ std::tuple<Tensor, Tensor> nt_xent_bwd_cpu(const Tensor& grad_loss, const Tensor
                                            const Tensor& cols, const Tensor& pos_idx,
                                            const Tensor& self_idx, const Tensor& lse,
                                            const Tensor& inv_r, const Tensor& inv_c,
-                                           double temperature) {
+                                           double temperature, bool need_rows, bool need_cols) {
   check_inputs(rows, cols, pos_idx, self_idx, temperature);
   check_bwd_inputs(grad_loss, rows, cols, lse, inv_r, inv_c);
   const auto acc_type = acc_type_of(rows.scalar_type());
@@ -362,13 +364,14 @@ std::tuple<Tensor, Tensor> nt_xent_bwd_cpu(const Tensor& grad_loss, const Tensor
   const int64_t R = r.size(0), C = c.size(0), d = r.size(1);
   check_index_range(pos, C, "pos_idx");
   check_index_range(self, C, "self_idx");
-  Tensor gr = at::empty({R, d}, r.options()), gc = at::empty({C, d}, r.options());
+  Tensor gr = at::empty({need_rows ? R : 0, d}, r.options());
+  Tensor gc = at::empty({need_cols ? C : 0, d}, r.options());
   AT_DISPATCH_FLOATING_TYPES(acc_type, "nt_xent_bwd_cpu", [&] {
     bwd_impl<scalar_t>(g.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(),
                        pos.data_ptr<int64_t>(), self.data_ptr<int64_t>(), l.data_ptr<scalar_t>(),
                        ir.data_ptr<scalar_t>(), ic.data_ptr<scalar_t>(), R, C, d,
-                       scalar_t(1.0 / temperature), gr.data_ptr<scalar_t>(),
-                       gc.data_ptr<scalar_t>());
+                       scalar_t(1.0 / temperature), need_rows ? gr.data_ptr<scalar_t>() : nullptr,
+                       need_cols ? gc.data_ptr<scalar_t>() : nullptr);
   });
   return {gr.to(rows.scalar_type()), gc.to(cols.scalar_type())};
 }
@@ -379,10 +382,12 @@ TORCH_LIBRARY(ssl_ops, m) {
       "nt_xent_fwd(Tensor rows, Tensor cols, Tensor pos_idx, Tensor self_idx, float temperature)"
       " -> (Tensor, Tensor, Tensor, Tensor)");
   // grad_rows, grad_cols = nt_xent_bwd(grad_loss, rows, cols, pos_idx, self_idx, lse, inv_r,
-  //                                    inv_c, T)
+  //                                    inv_c, T, need_rows, need_cols)
+  // A gradient that is not needed is returned as an empty [0, d] tensor and its pass skipped.
   m.def(
       "nt_xent_bwd(Tensor grad_loss, Tensor rows, Tensor cols, Tensor pos_idx, Tensor self_idx,"
-      " Tensor lse, Tensor inv_r, Tensor inv_c, float temperature) -> (Tensor, Tensor)");
+      " Tensor lse, Tensor inv_r, Tensor inv_c, float temperature, bool need_rows=True,"
+      " bool need_cols=True) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(ssl_ops, CPU, m) {

@@ -31,6 +31,8 @@ inline void check_inputs(const at::Tensor& rows, const at::Tensor& cols, const a
                   rows.device() == self_idx.device(),
               "nt_xent: all inputs must be on the same device");
   TORCH_CHECK(temperature > 0, "nt_xent: temperature must be > 0, got ", temperature);
+  TORCH_CHECK(cols.size(0) > 0 || rows.size(0) == 0,
+              "nt_xent: no columns (C == 0): every row needs its positive among the columns");
 }
 
 inline void check_bwd_inputs(const at::Tensor& grad_loss, const at::Tensor& rows,

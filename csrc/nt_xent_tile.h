@@ -87,6 +87,25 @@ NTX_HD double fast_exp(double x) {
   return std::exp(x);
 }
 
+// The CUDA kernels work in base 2: logits pre-scaled by log2(e) (folded into the per-column
+// factor inv_c / T), so that every exponential is one exp2 (ex2.approx plus range handling on
+// the GPU) instead of expf's extra multiply and fix-ups. Converted back with ln 2 where a
+// natural-log value leaves a kernel (lse, positive logit, running max).
+constexpr double kLog2e = 1.4426950408889634074;
+constexpr double kLn2 = 0.69314718055994530942;
+
+NTX_HD float fast_exp2(float x) {
+#if defined(__CUDA_ARCH__)
+  return exp2f(x);
+#else
+  return std::exp2(x);  // not used by the CPU kernels; here for completeness
+#endif
+}
+
+NTX_HD double fast_exp2(double x) {
+  return std::exp2(x);
+}
+
 // logit_ij from the raw dot product of the (unnormalised) inputs.
 template <typename acc_t>
 NTX_HD acc_t logit(acc_t dot, acc_t inv_r, acc_t inv_c, acc_t inv_t) {
@@ -110,6 +129,15 @@ NTX_HD LseState<acc_t> lse_merge(LseState<acc_t> a, LseState<acc_t> b) {
   return {m, a.l * fast_exp(a.m - m) + b.l * fast_exp(b.m - m)};
 }
 
+// Merge of two partial states kept in base 2 (m = max of log2-scaled logits, l = sum of
+// 2^(x - m)); same guard as lse_merge.
+template <typename acc_t>
+NTX_HD LseState<acc_t> lse_merge2(LseState<acc_t> a, LseState<acc_t> b) {
+  const acc_t m = a.m > b.m ? a.m : b.m;
+  if (m == neg_inf<acc_t>()) return {m, acc_t(0)};
+  return {m, a.l * fast_exp2(a.m - m) + b.l * fast_exp2(b.m - m)};
+}
+
 template <typename acc_t>
 NTX_HD acc_t lse_finish(LseState<acc_t> s) {
   using std::log;
@@ -120,6 +148,13 @@ NTX_HD acc_t lse_finish(LseState<acc_t> s) {
 template <typename acc_t>
 NTX_HD acc_t softmax_minus_onehot(acc_t logit_ij, acc_t lse_i, bool is_self, bool is_pos) {
   const acc_t p = is_self ? acc_t(0) : fast_exp(logit_ij - lse_i);
+  return is_pos ? p - acc_t(1) : p;
+}
+
+// The same from a log2-scaled logit and log2-scaled lse (CUDA kernels).
+template <typename acc_t>
+NTX_HD acc_t softmax_minus_onehot2(acc_t logit2_ij, acc_t lse2_i, bool is_self, bool is_pos) {
+  const acc_t p = is_self ? acc_t(0) : fast_exp2(logit2_ij - lse2_i);
   return is_pos ? p - acc_t(1) : p;
 }
 

@@ -199,6 +199,8 @@ def test_deterministic_cpu():
 def test_input_validation_cpu():
     r, c = torch.randn(4, 3), torch.randn(6, 3)
     pos, s = torch.tensor([1, 2, 3, 4]), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(RuntimeError, match="C == 0"):
+        op.nt_xent_fused(r, c[:0], pos, s, 0.1)
     with pytest.raises(RuntimeError, match="out of range"):
         op.nt_xent_fused(r, c, torch.tensor([1, 2, 3, 6]), s, 0.1)
     with pytest.raises(RuntimeError, match="differ in d"):
@@ -325,10 +327,12 @@ def test_dispatch_uses_the_op(monkeypatch, impl):
         calls.append(1)
         return real(*a, **k)
 
+    assert op.self_check("cpu", 4) is None  # the first-use check runs (and calls the op) once
     monkeypatch.setattr(op, "nt_xent_fused", spy)
     rows, cols, pos, self_idx = _small_inputs()
     out = losses.nt_xent_rows(rows, cols, pos, self_idx, 0.1)
     assert calls == [1]
+    assert losses.nt_xent_impl_used() == "ext"
     torch.testing.assert_close(out, nt_xent_reference(rows, cols, pos, self_idx, 0.1))
 
 
@@ -347,6 +351,47 @@ def test_nt_xent_loss_ext_equals_ref(monkeypatch):
         out[impl] = (loss.detach(), a.grad, b.grad)
     for x, y in zip(out["ext"], out["ref"]):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+# ---- the first-use self-check ----
+
+
+@needs_ext
+def test_self_check_passes_and_is_cached_cpu(monkeypatch):
+    monkeypatch.setattr(op, "_SELF_CHECK", {})
+    state = torch.random.get_rng_state()
+    assert op.self_check("cpu", 128) is None
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is left alone
+    calls = []
+    monkeypatch.setattr(op, "nt_xent_fused", lambda *a: calls.append(1))
+    assert op.self_check("cpu", 128) is None and calls == []  # cached: no second run
+
+
+def _wrong_loss(real):
+    return lambda r, c, p, s, T: real(r, c, p, s, T) * 1.001
+
+
+def _wrong_grad(real):
+    # same loss values, gradient w.r.t. rows off by 1e-2 per element
+    return lambda r, c, p, s, T: real(r, c, p, s, T) + 1e-2 * (r.sum(1) - r.sum(1).detach())
+
+
+@needs_ext
+@pytest.mark.parametrize("wrong", [_wrong_loss, _wrong_grad], ids=["loss", "grad"])
+def test_self_check_falls_back_on_a_wrong_kernel(monkeypatch, wrong):
+    monkeypatch.setattr(op, "_SELF_CHECK", {})
+    monkeypatch.setattr(losses, "_SELF_CHECK_WARNED", set())
+    monkeypatch.setattr(op, "nt_xent_fused", wrong(op.nt_xent_fused))
+    monkeypatch.setenv("SSL_NT_XENT", "auto")
+    rows, cols, pos, self_idx = _small_inputs()
+    with pytest.warns(UserWarning, match="self-check"):
+        out = losses.nt_xent_rows(rows, cols, pos, self_idx, 0.1)
+    assert torch.equal(out, nt_xent_reference(rows, cols, pos, self_idx, 0.1))
+    assert losses.nt_xent_impl_used() == "ref (fallback: self-check failed)"
+    assert "differs from the fp64 reference" in op.self_check("cpu", rows.shape[1])
+    monkeypatch.setenv("SSL_NT_XENT", "ext")
+    with pytest.raises(RuntimeError, match="self-check"):
+        losses.nt_xent_rows(rows, cols, pos, self_idx, 0.1)
 
 
 # ---- memory: O(B d), never R x C ----
@@ -487,6 +532,133 @@ def test_emulated_gpu_kernels(emu_ops, R, C, d, T, dtype):
             torch.testing.assert_close(a, b, rtol=1e-5 if acc == torch.float32 else 1e-12, atol=0)
 
 
+def _emu_check(emu_ops, R, C, d, T, dtype, seed):
+    """Emulated GPU kernels vs the fp64 reference (loss, both gradients); returns the outputs."""
+    rows, cols, pos, self_idx, weight = make_case(R, C, d, 2.0, seed=seed)
+    r, c = rows.to(dtype), cols.to(dtype)
+    loss, lse, inv_r, inv_c = emu_ops.nt_xent_fwd(r, c, pos, self_idx, T)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    g = weight.to(acc)
+    grad_r, grad_c = emu_ops.nt_xent_bwd(g, r, c, pos, self_idx, lse, inv_r, inv_c, T)
+    r64, c64 = r.double().clone().requires_grad_(), c.double().clone().requires_grad_()
+    ref = nt_xent_reference(r64, c64, pos, self_idx, T)
+    (ref * g.double()).sum().backward()
+    loss_tol, grad_tol = TOL[dtype]
+    assert (loss.double() - ref.detach()).abs().max().item() <= loss_tol * max(
+        1.0, ref.abs().max().item()
+    )
+    assert rel_err(grad_r, r64.grad) <= grad_tol, f"grad rows {rel_err(grad_r, r64.grad):.2e}"
+    assert rel_err(grad_c, c64.grad) <= grad_tol, f"grad cols {rel_err(grad_c, c64.grad):.2e}"
+    return loss, grad_r, grad_c
+
+
+@pytest.fixture
+def emu_splits(emu_ops):
+    """Set the emulator's forced split count for one test (0 = the 132-SM heuristic)."""
+    old = emu_ops.set_splits(0)
+    yield emu_ops.set_splits
+    emu_ops.set_splits(old)
+
+
+# The configurations the GPU runs (R << C as on one rank of 8, tails in both dimensions):
+# bf16 d = 128 (4 k-chunks of 32, register accumulator ND = 2) and d = 256 (8 k-chunks, ND = 4),
+# d = 320 (beyond the register budget: the global-memory accumulator), fp32 d = 128 (SIMT, ND = 4)
+# and d = 160 (SIMT, global accumulator). Splits: the 132-SM heuristic (every column tile its
+# own split here) and forced counts that do not divide the tiles.
+EMU_SPLIT_CASES = [
+    (20, 300, 128, 0.1, _BF, 0),
+    (20, 300, 128, 0.1, _BF, 2),
+    (70, 200, 256, 0.2, _BF, 0),
+    (9, 150, 320, 0.1, _BF, 2),
+    (70, 200, 128, 0.1, _F32, 3),
+    (33, 130, 160, 0.3, _F32, 0),
+    (10, 200, 64, 0.05, _HF, 3),
+]
+EMU_SPLIT_IDS = [
+    f"R{c[0]}-C{c[1]}-d{c[2]}-{str(c[4]).split('.')[-1]}-splits{c[5] or 'auto'}"
+    for c in EMU_SPLIT_CASES
+]
+
+
+@pytest.mark.parametrize("R,C,d,T,dtype,splits", EMU_SPLIT_CASES, ids=EMU_SPLIT_IDS)
+def test_emulated_column_split(emu_ops, emu_splits, R, C, d, T, dtype, splits):
+    emu_splits(splits)
+    _emu_check(emu_ops, R, C, d, T, dtype, seed=R * d + C)
+
+
+def test_emulated_split_deterministic_and_consistent(emu_ops, emu_splits):
+    """Two runs are bit-identical; 1 split, 2 splits and the heuristic agree to fp32 rounding
+    (the merge order is fixed, only the association of the sums differs)."""
+    outs = {}
+    for splits in (0, 0, 1, 2):
+        emu_splits(splits)
+        outs.setdefault(splits, []).append(_emu_check(emu_ops, 40, 260, 64, 0.1, _F32, seed=3))
+    for a, b in zip(*outs[0]):
+        assert torch.equal(a, b)
+    for s in (1, 2):
+        for a, b in zip(outs[0][0], outs[s][0]):
+            assert rel_err(a, b) <= 1e-5
+            assert not torch.isnan(a).any()
+
+
+def test_emulated_backward_skips_unneeded_pass(emu_ops):
+    rows, cols, pos, self_idx, weight = make_case(30, 100, 16, 1.0, seed=21)
+    r, c = rows.float(), cols.float()
+    _, lse, ir, ic = emu_ops.nt_xent_fwd(r, c, pos, self_idx, 0.2)
+    full = emu_ops.nt_xent_bwd(weight.float(), r, c, pos, self_idx, lse, ir, ic, 0.2)
+    only_r = emu_ops.nt_xent_bwd(weight.float(), r, c, pos, self_idx, lse, ir, ic, 0.2, True, False)
+    only_c = emu_ops.nt_xent_bwd(weight.float(), r, c, pos, self_idx, lse, ir, ic, 0.2, False, True)
+    assert only_r[1].shape == (0, 16) and only_c[0].shape == (0, 16)
+    assert torch.equal(only_r[0], full[0]) and torch.equal(only_c[1], full[1])
+
+
+def test_emulated_rejects_bad_indices_on_host(emu_ops):
+    """The CUDA host code checks the indices (a device assert would poison the context)."""
+    r, c = torch.randn(4, 8), torch.randn(6, 8)
+    pos, s = torch.tensor([1, 2, 3, 4]), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(RuntimeError, match="out of range"):
+        emu_ops.nt_xent_fwd(r, c, torch.tensor([1, 2, 3, 6]), s, 0.1)
+    with pytest.raises(RuntimeError, match="out of range"):
+        emu_ops.nt_xent_fwd(r, c, pos, torch.tensor([0, -1, 2, 3]), 0.1)
+    with pytest.raises(RuntimeError, match="C == 0"):
+        emu_ops.nt_xent_fwd(r, c[:0], pos, s, 0.1)
+
+
+def test_emulated_fp16_small_softmax_weights_do_not_flush(emu_ops):
+    """fp16 G tiles of the column pass: G^T = softmax^T * w_r, w_r = g inv_r / max(g inv_r).
+    One row with a 1e-5 norm makes w_r ~ 1e-5 for all the others; with C = 1,024 near-uniform
+    probabilities (~1e-3) their G entries are ~1e-8, below fp16's smallest subnormal (6e-8).
+    The gradient of a column that is no row's positive comes from these entries alone: stored
+    as is they would flush to zero; the op stores fp16 G times 2^14."""
+    R, C, d, T = 64, 1024, 16, 5.0
+    g = torch.Generator().manual_seed(31)
+    rows = torch.randn(R, d, generator=g, dtype=torch.float64) / 4
+    cols = torch.randn(C, d, generator=g, dtype=torch.float64)
+    rows[5] *= 1e-5
+    pos = torch.randint(0, C, (R,), generator=g)
+    self_idx = (pos + 1) % C
+    weight = torch.rand(R, generator=g, dtype=torch.float64) + 0.5
+    r, c = rows.half(), cols.half()
+    _, lse, inv_r, inv_c = emu_ops.nt_xent_fwd(r, c, pos, self_idx, T)
+    grad_r, grad_c = emu_ops.nt_xent_bwd(weight.float(), r, c, pos, self_idx, lse, inv_r, inv_c, T)
+    r64, c64 = r.double().requires_grad_(), c.double().requires_grad_()
+    (nt_xent_reference(r64, c64, pos, self_idx, T) * weight).sum().backward()
+    tol = TOL[torch.float16][1]
+    assert rel_err(grad_r, r64.grad) <= tol
+    negatives_only = torch.ones(C, dtype=torch.bool)
+    negatives_only[pos] = False
+    err = rel_err(grad_c[negatives_only], c64.grad[negatives_only])
+    assert err <= tol, f"grad of negative-only columns: rel err {err:.2e}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [_BF, _HF, _F32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("R,C,d", [(64, 2048, 128), (130, 1000, 256), (1, 700, 128)])
+def test_emulated_large_sweep(emu_ops, emu_splits, R, C, d, dtype):
+    """Longer sweep (pytest -m slow): the multi-GPU shape ratio at emulator scale."""
+    _emu_check(emu_ops, R, C, d, 0.1, dtype, seed=R + C + d)
+
+
 # ---- CUDA (skipped without a GPU; run by bench/gpu_check.sh) ----
 
 CUDA_CASES = CASES + [(300, 1000, 128, 0.1, 1.0), (1000, 2000, 64, 0.5, 10.0)]
@@ -552,6 +724,33 @@ def test_opcheck_cuda():
 @needs_cuda
 def test_torch_compile_fullgraph_cuda():
     _compile_check("cuda", "inductor")
+
+
+@needs_cuda
+def test_cuda_rejects_bad_indices_on_host():
+    """Out-of-range indices and C == 0 raise a RuntimeError and leave the context usable."""
+    r, c = torch.randn(4, 8, device="cuda"), torch.randn(6, 8, device="cuda")
+    pos, s = torch.tensor([1, 2, 3, 4], device="cuda"), torch.tensor([0, 1, 2, 3], device="cuda")
+    with pytest.raises(RuntimeError, match="out of range"):
+        op.nt_xent_fused(r, c, pos + 2, s, 0.1)
+    with pytest.raises(RuntimeError, match="C == 0"):
+        op.nt_xent_fused(r, c[:0], pos, s, 0.1)
+    assert torch.isfinite(op.nt_xent_fused(r, c, pos, s, 0.1)).all()
+
+
+@needs_cuda
+@pytest.mark.parametrize("d", [64, 128, 256, 320])
+def test_cuda_self_check_passes(d):
+    assert op.self_check("cuda", d) is None
+
+
+@needs_cuda
+@pytest.mark.parametrize("R,C", [(1024, 8192), (100, 3000), (20, 20000)])
+def test_cuda_column_split_shapes(R, C):
+    """R << C (one rank's rows against the gathered columns): the split grid path."""
+    rows, cols, pos, self_idx, weight = make_case(R, C, 128, 1.0, seed=R + C)
+    for dtype in (torch.bfloat16, torch.float32):
+        check(rows, cols, pos, self_idx, weight, 0.1, dtype, "cuda")
 
 
 @needs_cuda

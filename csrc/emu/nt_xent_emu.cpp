@@ -10,6 +10,9 @@
 //   - __shfl_xor_sync = an exchange through a per-warp buffer between two warp barriers;
 //   - nvcuda::wmma = each lane holds the whole 16x16 tile and computes it (fp32 products of the
 //     exact bf16/fp16 inputs, as the tensor cores), lane 0 stores it;
+//   - cp.async = a copy queued per thread and performed only by the cp.async.wait_group that
+//     retires its group, so a staged buffer read before its wait holds stale data (as it may on
+//     the GPU) and the test fails;
 //   - __CUDA_ARCH__ = 900, so the sm_90 (tensor-core) paths are the ones compiled.
 // A missing barrier shows up as a race or a deadlock here, a wrong layout as a wrong result.
 // Built on demand by tests/test_nt_xent_op.py (torch.utils.cpp_extension.load), registered as
@@ -24,6 +27,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <memory>
 #include <thread>
 #include <type_traits>
@@ -69,9 +73,23 @@ T shfl_xor(T v, int o) {
   return r;
 }
 
-// kernel<<<grid, 128>>>(args...): 128 threads, which run the blocks one after the other.
+// cp.async: per-thread queue of committed groups of 16-byte copies (src == nullptr: zero fill).
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+};
+inline thread_local std::vector<AsyncCopy> pending_copies;
+inline thread_local std::deque<std::vector<AsyncCopy>> copy_groups;
+
+// kernel<<<dim3(gx, gy), 128>>>(args...): 128 threads, which run the blocks one after the other
+// (x fastest). The grid limits of the GPU are checked as a launch would.
 template <typename... P, typename... A>
-void launch(void (*kernel)(P...), int64_t grid, A&&... args) {
+void launch(void (*kernel)(P...), int64_t gx, int64_t gy, A&&... args) {
+  if (gx <= 0 || gy <= 0 || gx > 2147483647 || gy > 65535) {
+    std::fprintf(stderr, "invalid grid (%lld, %lld)\n", static_cast<long long>(gx),
+                 static_cast<long long>(gy));
+    std::abort();
+  }
   BlockCtx c;
   std::barrier<> block_done(kBlock);
   std::vector<std::thread> threads;
@@ -80,17 +98,44 @@ void launch(void (*kernel)(P...), int64_t grid, A&&... args) {
     threads.emplace_back([&, t] {
       ctx = &c;
       thread_idx.x = static_cast<unsigned>(t);
-      for (int64_t b = 0; b < grid; ++b) {
-        block_idx.x = static_cast<unsigned>(b);
-        kernel(args...);  // early returns are warp-uniform and skip no barrier in these kernels
-        block_done.arrive_and_wait();
-      }
+      for (int64_t by = 0; by < gy; ++by)
+        for (int64_t bx = 0; bx < gx; ++bx) {
+          block_idx.x = static_cast<unsigned>(bx);
+          block_idx.y = static_cast<unsigned>(by);
+          kernel(args...);  // early returns skip no barrier in these kernels
+          if (!pending_copies.empty() || !copy_groups.empty()) {
+            std::fprintf(stderr, "cp.async copies still in flight at the end of a block\n");
+            std::abort();
+          }
+          block_done.arrive_and_wait();
+        }
     });
   }
   for (auto& th : threads) th.join();
 }
 
 }  // namespace ntx_emu
+
+#define NTX_EMULATOR 1
+inline void cp_async16(void* dst, const void* src, bool valid) {
+  ntx_emu::pending_copies.push_back({dst, valid ? src : nullptr});
+}
+inline void cp_async_commit() {
+  ntx_emu::copy_groups.push_back(std::move(ntx_emu::pending_copies));
+  ntx_emu::pending_copies.clear();
+}
+template <int N>
+void cp_async_wait() {
+  while (ntx_emu::copy_groups.size() > static_cast<size_t>(N)) {
+    for (const auto& c : ntx_emu::copy_groups.front()) {
+      if (c.src != nullptr)
+        std::memcpy(c.dst, c.src, 16);
+      else
+        std::memset(c.dst, 0, 16);
+    }
+    ntx_emu::copy_groups.pop_front();
+  }
+}
 
 // ---- the CUDA built-ins used by the kernels ----
 #define threadIdx ntx_emu::thread_idx
@@ -184,7 +229,9 @@ void mma_sync(fragment<accumulator, 16, 16, 16, float>& d,
 }  // namespace nvcuda::wmma
 
 #define __CUDA_ARCH__ 900  // after the c10 headers: only the kernels see it
-#define NTX_LAUNCH(kernel, grid, ...) ntx_emu::launch(kernel, (grid), __VA_ARGS__)
+#define NTX_LAUNCH(kernel, gx, gy, ...) ntx_emu::launch(kernel, (gx), (gy), __VA_ARGS__)
+// An H100 / H200 (132 SMs), so that the split heuristic picks the splits the GPU would.
+#define NTX_SM_COUNT() 132
 
 #include "../nt_xent_kernels.cuh"
 
@@ -204,9 +251,16 @@ std::tuple<at::Tensor, at::Tensor> emu_bwd(const at::Tensor& grad_loss, const at
                                            const at::Tensor& cols, const at::Tensor& pos_idx,
                                            const at::Tensor& self_idx, const at::Tensor& lse,
                                            const at::Tensor& inv_r, const at::Tensor& inv_c,
-                                           double temperature) {
+                                           double temperature, bool need_rows, bool need_cols) {
   return ssl_ops::cuda_impl::nt_xent_bwd_impl(grad_loss, rows, cols, pos_idx, self_idx, lse,
-                                              inv_r, inv_c, temperature);
+                                              inv_r, inv_c, temperature, need_rows, need_cols);
+}
+
+// Test hook: force the number of splits (0 = the heuristic, for 132 SMs); returns the old value.
+int64_t emu_set_splits(int64_t n) {
+  const int64_t old = ssl_ops::cuda_impl::split_override();
+  ssl_ops::cuda_impl::split_override() = n;
+  return old;
 }
 
 }  // namespace
@@ -217,7 +271,9 @@ TORCH_LIBRARY(ssl_ops_emu, m) {
       " -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "nt_xent_bwd(Tensor grad_loss, Tensor rows, Tensor cols, Tensor pos_idx, Tensor self_idx,"
-      " Tensor lse, Tensor inv_r, Tensor inv_c, float temperature) -> (Tensor, Tensor)");
+      " Tensor lse, Tensor inv_r, Tensor inv_c, float temperature, bool need_rows=True,"
+      " bool need_cols=True) -> (Tensor, Tensor)");
+  m.def("set_splits(int n) -> int", &emu_set_splits);
 }
 
 TORCH_LIBRARY_IMPL(ssl_ops_emu, CPU, m) {
