@@ -503,17 +503,16 @@ EMU_CASES = [
 EMU_IDS = [f"R{c[0]}-C{c[1]}-d{c[2]}-{str(c[4]).split('.')[-1]}" for c in EMU_CASES]
 
 
-@pytest.mark.parametrize("R,C,d,T,dtype", EMU_CASES, ids=EMU_IDS)
-def test_emulated_gpu_kernels(emu_ops, R, C, d, T, dtype):
-    rows, cols, pos, self_idx, weight = make_case(R, C, d, 2.0, seed=R + d)
+def _emu_check(emu_ops, R, C, d, T, dtype, seed, mean_grad=False):
+    """Emulated GPU kernels vs the fp64 reference (loss, both gradients); returns the inputs and
+    outputs. mean_grad: the upstream gradient as autograd hands it over for .mean(), a
+    stride-0 expand of 1 / R (else random weights)."""
+    rows, cols, pos, self_idx, weight = make_case(R, C, d, 2.0, seed=seed)
     r, c = rows.to(dtype), cols.to(dtype)
     loss, lse, inv_r, inv_c = emu_ops.nt_xent_fwd(r, c, pos, self_idx, T)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     assert loss.dtype == lse.dtype == inv_r.dtype == inv_c.dtype == acc
-    if R == 5:  # as autograd hands it over for .mean(): a stride-0 expand of 1 / R
-        g = torch.tensor(1.0 / R, dtype=acc).expand(R)
-    else:
-        g = weight.to(acc)
+    g = torch.tensor(1.0 / R, dtype=acc).expand(R) if mean_grad else weight.to(acc)
     grad_r, grad_c = emu_ops.nt_xent_bwd(g, r, c, pos, self_idx, lse, inv_r, inv_c, T)
     assert grad_r.dtype == grad_c.dtype == dtype
     r64, c64 = r.double().clone().requires_grad_(), c.double().clone().requires_grad_()
@@ -525,31 +524,20 @@ def test_emulated_gpu_kernels(emu_ops, R, C, d, T, dtype):
     )
     assert rel_err(grad_r, r64.grad) <= grad_tol, f"grad rows {rel_err(grad_r, r64.grad):.2e}"
     assert rel_err(grad_c, c64.grad) <= grad_tol, f"grad cols {rel_err(grad_c, c64.grad):.2e}"
+    return loss, grad_r, grad_c, (r, c, pos, self_idx, lse, inv_r, inv_c)
+
+
+@pytest.mark.parametrize("R,C,d,T,dtype", EMU_CASES, ids=EMU_IDS)
+def test_emulated_gpu_kernels(emu_ops, R, C, d, T, dtype):
+    _, _, _, (r, c, pos, self_idx, lse, inv_r, inv_c) = _emu_check(
+        emu_ops, R, C, d, T, dtype, seed=R + d, mean_grad=R == 5
+    )
     # the statistics handed from forward to backward agree with the CPU kernels' ones
     if op.available("cpu"):
         _, lse_cpu, ir_cpu, ic_cpu = torch.ops.ssl_ops.nt_xent_fwd(r, c, pos, self_idx, T)
+        tol = 1e-5 if lse.dtype == torch.float32 else 1e-12
         for a, b in ((lse, lse_cpu), (inv_r, ir_cpu), (inv_c, ic_cpu)):
-            torch.testing.assert_close(a, b, rtol=1e-5 if acc == torch.float32 else 1e-12, atol=0)
-
-
-def _emu_check(emu_ops, R, C, d, T, dtype, seed):
-    """Emulated GPU kernels vs the fp64 reference (loss, both gradients); returns the outputs."""
-    rows, cols, pos, self_idx, weight = make_case(R, C, d, 2.0, seed=seed)
-    r, c = rows.to(dtype), cols.to(dtype)
-    loss, lse, inv_r, inv_c = emu_ops.nt_xent_fwd(r, c, pos, self_idx, T)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    g = weight.to(acc)
-    grad_r, grad_c = emu_ops.nt_xent_bwd(g, r, c, pos, self_idx, lse, inv_r, inv_c, T)
-    r64, c64 = r.double().clone().requires_grad_(), c.double().clone().requires_grad_()
-    ref = nt_xent_reference(r64, c64, pos, self_idx, T)
-    (ref * g.double()).sum().backward()
-    loss_tol, grad_tol = TOL[dtype]
-    assert (loss.double() - ref.detach()).abs().max().item() <= loss_tol * max(
-        1.0, ref.abs().max().item()
-    )
-    assert rel_err(grad_r, r64.grad) <= grad_tol, f"grad rows {rel_err(grad_r, r64.grad):.2e}"
-    assert rel_err(grad_c, c64.grad) <= grad_tol, f"grad cols {rel_err(grad_c, c64.grad):.2e}"
-    return loss, grad_r, grad_c
+            torch.testing.assert_close(a, b, rtol=tol, atol=0)
 
 
 @pytest.fixture
@@ -592,7 +580,8 @@ def test_emulated_split_deterministic_and_consistent(emu_ops, emu_splits):
     outs = {}
     for splits in (0, 0, 1, 2):
         emu_splits(splits)
-        outs.setdefault(splits, []).append(_emu_check(emu_ops, 40, 260, 64, 0.1, _F32, seed=3))
+        loss, grad_r, grad_c, _ = _emu_check(emu_ops, 40, 260, 64, 0.1, _F32, seed=3)
+        outs.setdefault(splits, []).append((loss, grad_r, grad_c))
     for a, b in zip(*outs[0]):
         assert torch.equal(a, b)
     for s in (1, 2):
