@@ -549,16 +549,16 @@ class TrainRun:
 
     def save(self) -> None:
         """OUT/checkpoint.pt (atomic), plus OUT/checkpoint-STEP.pt for the last --keep-last > 1."""
-        from common.checkpoint import save_checkpoint
-
         self._saved_step, self._t_saved = self.step, time.time()
         if D.is_main():
-            self._write_checkpoint(save_checkpoint)
+            self._write_checkpoint()
         # Every rank calls save() at the same step. No rank goes on (or exits, letting torchrun
         # or srun tear the job down) before rank 0's checkpoint is on disk.
         D.barrier()
 
-    def _write_checkpoint(self, save_checkpoint) -> None:
+    def _write_checkpoint(self) -> None:
+        from common.checkpoint import save_checkpoint
+
         path = self.out / "checkpoint.pt"
         save_checkpoint(
             path,
