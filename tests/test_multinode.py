@@ -268,13 +268,24 @@ echo "scontrol $*" >> "$FAKE_DIR/slurm.log"
 exit 0
 """
 FAKE_SCANCEL = """#!{python}
-import json, os, signal, sys
+import json, os, signal, sys, time
 from pathlib import Path
 d = Path(os.environ["FAKE_DIR"])
 with open(d / "slurm.log", "a") as f:
     f.write("scancel " + " ".join(sys.argv[1:]) + "\\n")
 if sys.argv[1:] == ["--signal=TERM", os.environ["SLURM_JOB_ID"]]:  # the job's steps
-    os.kill(json.loads((d / "srun.json").read_text())["pid"], signal.SIGUSR2)
+    pid = json.loads((d / "srun.json").read_text())["pid"]
+    os.kill(pid, signal.SIGUSR2)
+    # Return only once the step has ended (gone or a zombie), inside the batch shell's trap:
+    # the shell's interrupted `wait` must still report srun's own status, not 128 + SIGUSR1.
+    stat = Path(f"/proc/{{pid}}/stat")
+    for _ in range(500):
+        try:
+            if stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        except (FileNotFoundError, ProcessLookupError):
+            break
+        time.sleep(0.01)
 """
 
 
