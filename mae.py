@@ -273,26 +273,34 @@ def build_mae(args: argparse.Namespace) -> MAE:
 # ------------------------------------------------------------------------------------- eval
 @torch.no_grad()
 def reconstruction_losses(model: MAE, images, mean, std, args, device) -> dict:
-    """Test loss (the training objective, fixed masks from --seed) and the same loss for
-    predicting each image's mean colour, both through the same target normalisation. (With
+    """Test loss (the training objective, fixed masks from --seed), the same loss for
+    predicting each image's mean colour, both through the same target normalisation, and the
+    loss under one shared random 75% mask (recon_loss_random75). (With
     norm_pix the mean-colour image normalised per patch keeps only its channel pattern; a flat
     prediction, 0 there, would score ~1.)"""
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(args.seed)
+    # The masking ablation compares models trained with different masks on one task: random
+    # 75% masks from a generator seeded 0, the same for every run whatever its --seed.
+    gen_shared = torch.Generator().manual_seed(0)
     p, grid = model.encoder.patch_size, model.encoder.grid
     n_keep = grid * grid - num_masked(grid * grid, args.mask_ratio)
-    tot = {"recon_loss": 0.0, "mean_color_loss": 0.0}
+    n_keep_shared = grid * grid - num_masked(grid * grid, 0.75)
+    tot = {"recon_loss": 0.0, "mean_color_loss": 0.0, "recon_loss_random75": 0.0}
     for chunk in images.split(500):
         x = normalize(chunk.to(device), mean, std)  # [n, 3, H, W]
         ids = make_mask(args.mask_type, len(x), grid, args.mask_ratio, gen).to(device)
+        shared = make_mask("random", len(x), grid, 0.75, gen_shared).to(device)
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             loss, _, mask = model(x, ids, n_keep)
+            loss_shared = model(x, shared, n_keep_shared)[0]
         color = x.mean((2, 3), keepdim=True).expand_as(x)  # each image's mean colour
         target = patch_targets(x, p, args.norm_pix_loss)
         base = masked_mse(patch_targets(color, p, args.norm_pix_loss), target, mask)
         tot["recon_loss"] += loss.item() * len(x)  # every image has the same masked count
         tot["mean_color_loss"] += base.item() * len(x)
+        tot["recon_loss_random75"] += loss_shared.item() * len(x)
     model.train(was_training)
     return {k: v / len(images) for k, v in tot.items()}
 

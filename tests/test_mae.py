@@ -212,6 +212,23 @@ def test_mean_color_baseline_is_what_it_says():
     assert abs(res["mean_color_loss"] - torch.stack(errs).mean().item()) < 1e-5
 
 
+def test_shared_mask_loss_is_one_mask_for_every_run():
+    """recon_loss_random75 (the masking ablation's common yardstick): random 75% masks seeded
+    0 whatever the run's seed and own masking; equal to recon_loss exactly when the run's own
+    masks are those."""
+    imgs = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    model = mae.MAE(vit_from_config({"backbone": "vit_pico", "image_size": 32}), decoder(), False)
+    res = {}
+    for seed, kind, ratio in ((0, "random", 0.75), (5, "block", 0.5), (7, "grid", 0.75)):
+        args = argparse.Namespace(seed=seed, mask_type=kind, mask_ratio=ratio, norm_pix_loss=False)
+        res[kind] = mae.reconstruction_losses(model, imgs, mean, std, args, torch.device("cpu"))
+    assert res["random"]["recon_loss"] == res["random"]["recon_loss_random75"]
+    assert res["block"]["recon_loss_random75"] == res["random"]["recon_loss_random75"]
+    assert res["grid"]["recon_loss_random75"] == res["random"]["recon_loss_random75"]
+    assert res["block"]["recon_loss"] != res["block"]["recon_loss_random75"]
+
+
 def test_tiny_run_beats_mean_color_baseline(tiny_run):
     out, res = tiny_run
     print(res)
