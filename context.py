@@ -75,6 +75,7 @@ from torchvision.ops import roi_align
 from common import dist as D
 from common.augment import to_float
 from common.backbones import build_backbone, stem_for
+from common.color import project_green_magenta
 from common.data import load_split
 from common.eval import knn_top1, labelled
 from common.train import (
@@ -130,12 +131,20 @@ def get_args_parser():
         help="pixels between neighbouring patches (default P/2; images <= 64 px without "
         "--crop-size: 16 px patches 8 px apart, one JPEG block between neighbours)",
     )
-    p.add_argument("--jitter", type=int, help="max shift of each patch per axis (default 0.15P)")
+    p.add_argument(
+        "--jitter", type=int, help="max shift of each patch per axis (default 7/96 P, the paper's)"
+    )
     p.add_argument(
         "--chroma",
         choices=["project", "drop"],
         default="project",
         help="chromatic-aberration removal: green-magenta projection or colour drop",
+    )
+    p.add_argument(
+        "--neighbour-only",
+        action="store_true",
+        help="ablation: the head sees only the neighbour's embedding (the centre's is zeroed), "
+        "so the position must be read from one patch alone (chance 12.5%% if it cannot be)",
     )
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--pretext-test", type=int, help="test images for the position accuracy")
@@ -145,6 +154,7 @@ def get_args_parser():
 # ------------------------------------------------------------------------------ pretext task
 # (dy, dx) of the neighbour relative to the centre patch, for labels 0..7 (raster order).
 JPEG_BLOCK = 8  # JPEG's block side in pixels (source images <= 64 px: the docstring)
+JITTER_FRAC = 7 / 96  # the paper's jitter, 7 px on 96 px patches, as a fraction of the patch
 NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
 
 
@@ -166,14 +176,6 @@ def sample_grid(
     top_left = origin + cells * (patch + gap) + shift  # [n, 9, 2] canvas pixels
     scale = canvas / image_size
     return torch.cat([top_left / scale, torch.full((n, 9, 2), patch / scale)], 2)
-
-
-def project_green_magenta(x: torch.Tensor) -> torch.Tensor:
-    """The paper's "projection": remove each pixel's component along B = [-1, 2, -1]
-    (green vs magenta) with A = I - B^T B / (B B^T); x: [m, 3, h, w]."""
-    b = torch.tensor([-1.0, 2.0, -1.0], device=x.device)
-    a = torch.eye(3, device=x.device) - torch.outer(b, b) / b.dot(b)
-    return torch.einsum("ij,mjhw->mihw", a, x)
 
 
 def drop_colours(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -232,10 +234,11 @@ class LateFusionHead(nn.Module):
 
 
 class ContextNet(nn.Module):
-    def __init__(self, backbone: nn.Module):
+    def __init__(self, backbone: nn.Module, neighbour_only: bool = False):
         super().__init__()
         self.backbone = backbone
         self.head = LateFusionHead(backbone.feat_dim)
+        self.neighbour_only = neighbour_only  # ablation: zero the centre's embedding
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         """patches [n, 9, 3, P, P] -> logits [8n, 8] of the pairs (centre, neighbour k),
@@ -245,6 +248,8 @@ class ContextNet(nn.Module):
         n = len(patches)
         f = self.backbone(patches.flatten(0, 1)).view(n, 9, -1)  # [n, 9, D]
         centre = f[:, :1].expand(-1, 8, -1).reshape(8 * n, -1)  # [8n, D]
+        if self.neighbour_only:
+            centre = torch.zeros_like(centre)
         return self.head(centre, f[:, 1:].reshape(8 * n, -1))  # [8n, 8]
 
 
@@ -281,10 +286,10 @@ def set_geometry(args) -> None:
         step = round(JPEG_BLOCK * scale)
         args.crop_size = step * 2 // 3  # the patch side (16 on 96)
         args.gap = step - args.crop_size if args.gap is None else args.gap
-        args.jitter = max(1, round(scale)) if args.jitter is None else args.jitter
     args.crop_size = args.crop_size or round(args.canvas * 5 / 24)  # the paper's 5/24
     args.gap = args.crop_size // 2 if args.gap is None else args.gap
-    args.jitter = round(0.15 * args.crop_size) if args.jitter is None else args.jitter
+    if args.jitter is None:  # the paper's ratio, at least one canvas pixel
+        args.jitter = max(1, round(JITTER_FRAC * args.crop_size))
 
 
 def main(args):
@@ -299,6 +304,8 @@ def main(args):
     args.image_size = train.image_size
     set_geometry(args)
     args.stem = stem_for(args.crop_size)
+    # The probe feeds what the trunk trained on: projected colours (dropped colours: plain RGB).
+    args.input = "rgb_project" if args.chroma == "project" else "rgb"
     free = args.canvas - 3 * args.crop_size - 2 * args.gap - 2 * args.jitter
     if min(args.gap, args.jitter) < 0 or args.crop_size <= 0 or free < 0:
         raise ConfigError(
@@ -310,7 +317,7 @@ def main(args):
     mean = torch.tensor(train.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(train.std, device=device).view(1, 3, 1, 1)
 
-    model = ContextNet(build_backbone(args.backbone, args.stem, args.width))
+    model = ContextNet(build_backbone(args.backbone, args.stem, args.width), args.neighbour_only)
     model = place_model(model, device)
     peak_lr = args.lr * 8 * args.batch_size / 256  # per 256 pairs
     opt = torch.optim.SGD(

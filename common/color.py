@@ -85,3 +85,21 @@ def lab_l_input(images: torch.Tensor) -> torch.Tensor:
     """uint8 [B, H, W, 3] (the cache layout) or float [B, 3, H, W] in [0, 1] ->
     [B, 1, H, W] float, (L - 50) / 50: the lightness channel colorize.py's network sees."""
     return (rgb_to_l(to_float(images)) - 50) / 50
+
+
+def project_green_magenta(x: torch.Tensor) -> torch.Tensor:
+    """Context prediction's "projection" (Doersch et al. 2015) against chromatic aberration:
+    remove each pixel's component along B = [-1, 2, -1] (green vs magenta) with
+    A = I - B^T B / (B B^T). x: [m, 3, h, w] -> same shape."""
+    b = torch.tensor([-1.0, 2.0, -1.0], device=x.device)
+    a = torch.eye(3, device=x.device) - torch.outer(b, b) / b.dot(b)
+    return torch.einsum("ij,mjhw->mihw", a, x)
+
+
+def projected_input(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> green-magenta projected, then normalised with the training set's
+    mean/std: what context.py's trunk sees (input "rgb_project" in its checkpoint config)."""
+    x = project_green_magenta(to_float(images))
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s

@@ -24,7 +24,8 @@ def input_transform(cfg: dict, mean, std) -> Callable[[torch.Tensor], torch.Tens
     """uint8 images [B, H, W, 3] -> the backbone's input, as the method trained it.
 
     cfg["input"] (from the checkpoint's config): "rgb" (default; normalised with the training
-    set's mean/std) or "lab_l" (colorization: the L channel of Lab, see common/color.py).
+    set's mean/std), "lab_l" (colorization: the L channel of Lab) or "rgb_project" (context
+    prediction: green-magenta projected, then normalised); see common/color.py.
     """
     kind = cfg.get("input", "rgb")
     if kind == "rgb":
@@ -33,6 +34,10 @@ def input_transform(cfg: dict, mean, std) -> Callable[[torch.Tensor], torch.Tens
         from common.color import lab_l_input
 
         return lab_l_input
+    if kind == "rgb_project":
+        from common.color import projected_input
+
+        return partial(projected_input, mean=mean, std=std)
     raise ValueError(f"unknown input kind {kind!r} in the checkpoint config")
 
 

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -63,13 +64,14 @@ def test_neighbour_sits_where_its_label_says():
 def test_default_grid_is_what_grid_says():
     args = argparse.Namespace(image_size=32, canvas=None, crop_size=None, gap=None, jitter=None)
     context.set_geometry(args)
-    assert (args.canvas, args.crop_size, args.gap, args.jitter) == (96, 16, 8, 3)
+    # jitter: the paper's 7 px per 96 px patch (7%), at least one canvas pixel
+    assert (args.canvas, args.crop_size, args.gap, args.jitter) == (96, 16, 8, 1)
     own = argparse.Namespace(image_size=32, canvas=None, crop_size=20, gap=None, jitter=None)
     context.set_geometry(own)  # a patch side of the user's: the paper's half-patch gap
-    assert (own.canvas, own.crop_size, own.gap, own.jitter) == (96, 20, 10, 3)
+    assert (own.canvas, own.crop_size, own.gap, own.jitter) == (96, 20, 10, 1)
     big = argparse.Namespace(image_size=224, canvas=None, crop_size=None, gap=None, jitter=None)
     context.set_geometry(big)
-    assert (big.canvas, big.crop_size, big.gap, big.jitter) == (224, 47, 23, 7)  # the paper's
+    assert (big.canvas, big.crop_size, big.gap, big.jitter) == (224, 47, 23, 3)  # 7/96 of 47
 
 
 @pytest.mark.parametrize("grid, leaks", [(GRID, False), ((96, 20, 10, 3), True)])
@@ -170,8 +172,8 @@ def test_tiny_run_beats_chance_and_writes_checkpoint(tiny_run):
     state = load_checkpoint(out)
     assert state["method"] == "context" and state["step"] == res["steps"]
     cfg = state["config"]
-    assert (cfg["canvas"], cfg["crop_size"], cfg["gap"], cfg["jitter"]) == (96, 16, 8, 3)
-    assert cfg["stem"] == "cifar" and cfg["image_size"] == 32
+    assert (cfg["canvas"], cfg["crop_size"], cfg["gap"], cfg["jitter"]) == (96, 16, 8, 1)
+    assert cfg["stem"] == "cifar" and cfg["image_size"] == 32 and cfg["input"] == "rgb_project"
     lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert lines[-1]["result"] == res and any("train_top1" in x for x in lines)
 
@@ -211,3 +213,42 @@ def test_bad_grid_stops_with_one_clear_message(cifar_tar, tmp_path, argv, msg):
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and msg in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+# ------------------------------------------------------ shortcuts: noise images, one patch
+def noise_folder(root, ramp: float):
+    """An ImageFolder of 32x32 uniform-noise JPEGs, plus a top-to-bottom brightness ramp of
+    `ramp` grey levels: without it no content says where a patch sat, only low-level artefacts
+    could (JPEG block phase, image borders, resampling); with it one patch tells its row."""
+    from PIL import Image
+
+    gen = np.random.default_rng(0)
+    ramp_px = np.linspace(-ramp / 2, ramp / 2, 32).reshape(32, 1, 1)
+    for split, n in (("train", 384), ("test", 125)):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                noise = gen.uniform(64, 192, (32, 32, 3)) + ramp_px
+                img = Image.fromarray(noise.clip(0, 255).astype(np.uint8))
+                img.save(root / split / c / f"{i}.jpg", quality=75)
+    return str(root)
+
+
+@pytest.mark.parametrize(
+    "ramp, extra, leaks",
+    [
+        (0, [], False),  # the pair: no JPEG phase or border shortcut on the default grid
+        (0, ["--neighbour-only"], False),  # one patch alone: its place in the image does not show
+        (120, ["--neighbour-only"], True),  # control: a ramp tells one patch its row
+    ],
+)
+def test_position_cannot_be_read_without_content(tmp_path, ramp, extra, leaks):
+    """Neighbour-only ablation on noise: the default pipeline stays at chance with both patches
+    and with the neighbour alone; the control (a brightness ramp, content that does tell a
+    patch's row) shows this training budget finds a cue when one exists."""
+    data = noise_folder(tmp_path / "data", ramp)
+    short = ["--limit-train", "768", "--knn-bank", "256", "--pretext-test", "250", "--epochs", "4"]
+    res = run_context(data, tmp_path / "run", *short, *extra)
+    print(ramp, extra, res["pretext_top1"])
+    # 2,000 test pairs: chance 12.5% +- 0.74% (one std); a row cue alone gives up to 3/8
+    assert (res["pretext_top1"] > 20.0) if leaks else (res["pretext_top1"] < 15.5)
