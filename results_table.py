@@ -33,8 +33,11 @@ from pathlib import Path
 # Columns in display order: (protocol, result key, header, format). "*" marks where a
 # protocol's per-setting columns go (fine-tuning label fractions, transfer targets).
 COLUMNS = [
+    ("config", "mask_type", "mask", "{}"),  # MAE's masking (the ablation), from the checkpoint
+    ("config", "mask_ratio", "mask ratio", "{:.2f}"),
     ("pretrain", "pretext_top1", "pretext top-1", "{:.1f}"),
     ("pretrain", "recon_loss", "recon loss", "{:.4f}"),
+    ("pretrain", "recon_loss_random75", "recon loss (random 75%)", "{:.4f}"),
     ("pretrain", "knn_top1", "k-NN (pre-train)", "{:.1f}"),
     ("linear", "linear_top1", "linear", "{:.1f}"),
     ("linear", "knn_top1", "k-NN", "{:.1f}"),
@@ -51,6 +54,7 @@ COLUMNS = [
     ("pretrain", "params_m", "params M", "{:.2f}"),
 ]
 FINETUNE_KEY = re.compile(r"finetune_(\d+(?:\.\d+)?)pct_top1$")
+CONFIG_KEYS = {"mae": ("mask_type", "mask_ratio")}  # per method: config values shown as columns
 
 
 # ---------------------------------------------------------------------------------- reading
@@ -71,6 +75,19 @@ def read_json(path: Path) -> list[dict]:
         if isinstance(obj, dict):
             out.append(obj)
     return out
+
+
+def run_config(folder: Path, method: str | None) -> dict:
+    """The config values CONFIG_KEYS names for this method, from RUN/checkpoint.pt (the one
+    place a run's config is kept); {} for other methods or without a checkpoint."""
+    keys = CONFIG_KEYS.get(method or "")
+    ckpt = folder / "checkpoint.pt"
+    if not keys or not ckpt.exists():
+        return {}
+    import torch  # only here: tables of other methods need no torch
+
+    cfg = torch.load(ckpt, map_location="cpu", weights_only=True).get("config", {})
+    return {"protocol": "config", **{k: cfg[k] for k in keys if k in cfg}}
 
 
 def protocol_of(rec: dict) -> str | None:
@@ -103,6 +120,8 @@ def collect(paths: list[str]) -> list[tuple[Path, dict]]:
                 results = [r["result"] for r in read_json(log) if isinstance(r.get("result"), dict)]
                 if results:  # the last one: a resumed run appends a new result line
                     out.append((path, {**results[-1], "protocol": "pretrain"}))
+                    cfg = run_config(path, results[-1].get("method"))
+                    out += [(path, cfg)] if cfg else []
             for f in sorted(path.glob("eval_*.json")):
                 out += [(path, r) for r in read_json(f)]
         elif path.is_file():
@@ -121,8 +140,9 @@ def cells(rec: dict) -> dict[tuple, float]:
         if p != proto:
             continue
         if key != "*":
-            if isinstance(rec.get(key), (int, float)) and not isinstance(rec.get(key), bool):
-                found[(pos, *probe_setting(rec, header), fmt)] = rec[key]
+            v = rec.get(key)
+            if isinstance(v, (int, float, str)) and not isinstance(v, bool):
+                found[(pos, *probe_setting(rec, header), fmt)] = v
         elif proto == "finetune":
             for k, v in rec.items():
                 m = FINETUNE_KEY.match(k)
@@ -150,11 +170,18 @@ def _escape(s: str) -> str:
     return s.replace("|", "\\|")
 
 
-def build_table(results: list[tuple[Path, dict]], commands: bool = True) -> str:
-    """Markdown: one row per (run, random init), one column per metric present."""
+def build_table(
+    results: list[tuple[Path, dict]], commands: bool = True, only: list[str] | None = None
+) -> str:
+    """Markdown: one row per (run, random init), one column per metric present. `only`: the
+    protocols whose columns and commands to show (rows without any of them are left out);
+    config columns (MAE's mask) come with any protocol."""
     rows: dict[tuple[str, bool], dict] = {}
     for folder, rec in results:
-        if protocol_of(rec) in (None, "tsne"):  # a figure, no numbers
+        proto = protocol_of(rec)
+        if proto in (None, "tsne"):  # a figure, no numbers
+            continue
+        if only and proto not in only and proto != "config":
             continue
         random_init = bool(rec.get("random_init", False))
         key = (os.path.normpath(os.path.abspath(folder)), random_init)
@@ -166,6 +193,8 @@ def build_table(results: list[tuple[Path, dict]], commands: bool = True) -> str:
         cmd = rec.get("command")
         if cmd and cmd not in row["commands"]:
             row["commands"].append(cmd)
+    if only:  # a row with config columns alone has none of the protocols asked for
+        rows = {k: r for k, r in rows.items() if any(c[0] > 1 for c in r["cells"])}
     columns = sorted({c for row in rows.values() for c in row["cells"]}, key=_column_order)
     with_cmd = commands and any(row["commands"] for row in rows.values())
     header = ["run", "method", "epochs"] + [c[2] for c in columns] + (["command"] * with_cmd)
@@ -215,10 +244,16 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--update", help="a Markdown file to put the table into (see --marker)")
     p.add_argument("--marker", help="the block name in --update's file")
     p.add_argument("--no-commands", action="store_true", help="leave out the command column")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=sorted({c[0] for c in COLUMNS} - {"config"}),
+        help="only these protocols' columns (and rows that have them): one table per protocol",
+    )
     args = p.parse_args(argv)
     if bool(args.update) != bool(args.marker):
         p.error("--update and --marker go together")
-    table = build_table(collect(args.paths), commands=not args.no_commands)
+    table = build_table(collect(args.paths), commands=not args.no_commands, only=args.only)
     if args.out:
         Path(args.out).write_text(table)
     if args.update:

@@ -278,6 +278,34 @@ def test_results_table(tiny_run, tmp_path):
     assert text.startswith("# R\n\n<!-- results:") and text.endswith("-->\n\nend\n")
 
 
+def test_results_table_per_protocol_with_mae_mask_columns(tiny_run, vit_run, tmp_path):
+    """--only PROTOCOL: that protocol's columns, rows that have them; MAE rows carry their
+    masking (from the checkpoint's config) in every table, the masking ablation's key."""
+    mae_run = tmp_path / "mae_block"
+    state = torch.load(vit_run / "checkpoint.pt", weights_only=True)
+    state["config"] |= {"mask_type": "block", "mask_ratio": 0.5}
+    mae_run.mkdir()
+    torch.save(state, mae_run / "checkpoint.pt")
+    result = {"method": "mae", "epochs": 3, "recon_loss": 0.4, "recon_loss_random75": 0.45}
+    result |= {"train_minutes": 1.0, "command": "python mae.py --mask-type block"}
+    (mae_run / "log.jsonl").write_text(json.dumps({"result": result}) + "\n")
+    cluster = {"protocol": "cluster", "method": "mae", "nmi": 0.25, "ari": 0.1, "cluster_acc": 30}
+    (mae_run / "eval_cluster.json").write_text(json.dumps(cluster | {"command": "python c"}))
+    table = results_table.main([str(tiny_run), str(mae_run), "--only", "cluster"])
+    lines = table.splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header == ["run", "method", "epochs", "mask", "mask ratio", "NMI", "ARI"] + [
+        "cluster acc",
+        "command",
+    ]
+    assert len(lines) == 3  # the SimCLR run has no clustering result: no row
+    row = dict(zip(header, (c.strip() for c in lines[2].strip("|").split("|"))))
+    assert (row["mask"], row["mask ratio"], row["NMI"]) == ("block", "0.50", "0.250")
+    assert row["command"] == "`python c`"  # the protocol's command, not pre-training's
+    full = results_table.main([str(mae_run)]).splitlines()[0]
+    assert "recon loss (random 75%)" in full and "NMI" in full and "train min" in full
+
+
 def test_cli_prints_one_json_line_and_fails_cleanly(tiny_run, tmp_path):
     cmd = [sys.executable, "evaluate.py", "cluster", str(tiny_run), "--limit-test", "100"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
