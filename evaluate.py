@@ -556,9 +556,10 @@ def transfer(args: argparse.Namespace, run: str, device: torch.device) -> dict:
     backbone, state = load_backbone(run, args, device)
     cfg = state["config"]
     train, test, prepare, data = load_data(args, cfg, args.limit_train)
-    # The backbone saw images of this side in pre-training (a CIFAR model: 32 px); STL-10's 96 px
-    # would change the scale of every filter's input, so resize unless --native-size.
-    size = cfg.get("crop_size") or cfg.get("image_size") or train.image_size
+    # The probes feed the pre-training set's images at their own side (a CIFAR model: 32 px);
+    # STL-10's 96 px would change the scale of every filter's input, so resize to that side
+    # unless --native-size. (Not crop_size: context's is a patch, SimCLR's fast preset 24 px.)
+    size = cfg.get("image_size") or cfg.get("crop_size") or train.image_size
     if not args.native_size and size != train.image_size:
         prepare = resized(prepare, size)
     else:

@@ -187,8 +187,11 @@ def build_table(
         key = (os.path.normpath(os.path.abspath(folder)), random_init)
         row = rows.setdefault(key, {"cells": {}, "commands": [], "method": None, "epochs": None})
         row["method"] = row["method"] or rec.get("method")
-        if row["epochs"] is None and isinstance(rec.get("epochs"), int):
-            row["epochs"] = rec["epochs"]
+        ep = rec.get("epochs")
+        if isinstance(ep, (int, float)) and not isinstance(ep, bool):
+            # the run's own count wins (a --time-budget run: 1.86, not its preset's 100)
+            if proto == "pretrain" or row["epochs"] is None:
+                row["epochs"] = ep if proto == "pretrain" else int(ep)
         row["cells"].update(cells(rec))
         cmd = rec.get("command")
         if cmd and cmd not in row["commands"]:
@@ -203,7 +206,7 @@ def build_table(
     for (folder, random_init), row in rows.items():
         name = os.path.relpath(folder) if not os.path.relpath(folder).startswith("..") else folder
         method = (row["method"] or "?") + (" (random init)" if random_init else "")
-        epochs = "" if row["epochs"] is None or random_init else str(row["epochs"])
+        epochs = "" if row["epochs"] is None or random_init else f"{row['epochs']:g}"
         vals = [name, method, epochs]
         for col in columns:
             v = row["cells"].get(col)

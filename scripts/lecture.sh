@@ -1,0 +1,106 @@
+#!/bin/bash
+# The README's "Every method, every protocol" results on CIFAR-10 (CPU): pre-train every
+# method for the same wall-clock budget, run every evaluation protocol on each run and on the
+# random-init baselines, then regenerate the README's tables and docs/tsne_cpu.png.
+#
+#   bash scripts/lecture.sh pretrain   # 6 methods x 6 min + context's neighbour-only ablation
+#                                      # + MAE's 4 maskings x 3 epochs: ~55 min on 2 cores
+#   bash scripts/lecture.sh evaluate   # every protocol for every run: ~50 min on 2 cores
+#   bash scripts/lecture.sh tables     # README tables (between <!-- results:lecture_* -->)
+#   bash scripts/lecture.sh            # all three
+#
+# Runs go side by side, JOBS at a time (default 2, one core each: OMP_NUM_THREADS=1). A step
+# whose output exists is skipped, so an interrupted stage is rerun by running it again.
+# Environment: DATA (CIFAR-10), NETTE (Imagenette, a transfer target), RUNS (output root).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${DATA:-../shared/data/cifar10-jpeg.tar.gz}
+NETTE=${NETTE:-../shared/data/imagenette2-224.tar.gz}
+R=${RUNS:-runs/lecture}
+JOBS=${JOBS:-2}
+if ((JOBS > 1)); then export OMP_NUM_THREADS=1; fi
+BUDGET=6      # minutes of pre-training per method (--time-budget)
+MAE_EPOCHS=3  # the masking ablation compares equal epochs, not equal minutes
+METHODS="simclr rotnet jigsaw context colorize inpainting mae_random0.75"
+# Random-init baselines, one per distinct (architecture, input): the RGB ResNet-18 (width 16,
+# CIFAR stem: simclr, rotnet, jigsaw and inpainting build the same untrained weights), context's
+# (same net, green-magenta projected input), colorization's 1-channel ResNet, MAE's ViT.
+BASELINES="simclr context colorize mae_random0.75"
+PROBE=(--limit-train 10000)
+FINETUNE=(--subset-dir "$R/subsets" --epochs 10 --batch-size 64)
+ROBUST=(--limit-train 10000 --limit-test 2000)
+
+# Run the commands on stdin (one per line), JOBS at a time; fail if any fails.
+parallel() { xargs -d '\n' -P "$JOBS" -I{} bash -c '{}'; }
+# A command line unless its result file exists.
+todo() {
+  local file=$1
+  shift
+  [[ -s $file ]] || echo "$*"
+}
+done_run() { grep -qs '"result"' "$1/log.jsonl"; }
+
+pretrain() {
+  {
+    done_run "$R/simclr" || echo "python simclr.py --preset fast --time-budget $BUDGET --data $DATA --out $R/simclr --fresh"
+    for m in rotnet jigsaw context colorize inpainting; do
+      done_run "$R/$m" || echo "python $m.py --preset cpu --time-budget $BUDGET --data $DATA --out $R/$m --fresh"
+    done
+    # context's ablation: the position from the neighbour patch alone
+    done_run "$R/context_neighbour_only" || echo "python context.py --preset cpu --time-budget $BUDGET --neighbour-only --data $DATA --out $R/context_neighbour_only --fresh"
+    for mk in "random 0.75" "block 0.5" "block 0.75" "grid 0.75"; do
+      read -r kind ratio <<<"$mk"
+      done_run "$R/mae_$kind$ratio" || echo "python mae.py --preset cpu --epochs $MAE_EPOCHS --mask-type $kind --mask-ratio $ratio --data $DATA --out $R/mae_$kind$ratio --fresh"
+    done
+  } | parallel
+}
+
+# Every protocol on one run; $2 = --random-init for its baseline ("" for the trained weights).
+protocols() {
+  local r=$1 s=${2:+_random_init} x=()
+  [[ -n ${2:-} ]] && x=("$2")
+  todo "$r/eval_linear$s.json" python linear_probe.py "$r" "${PROBE[@]}" "${x[@]}"
+  todo "$r/eval_cluster$s.json" python evaluate.py cluster "$r" "${x[@]}"
+  todo "$r/eval_finetune$s.json" python evaluate.py finetune "$r" "${FINETUNE[@]}" "${x[@]}"
+  todo "$r/eval_robustness$s.json" python evaluate.py robustness "$r" "${ROBUST[@]}" "${x[@]}"
+  todo "$r/eval_transfer_imagenette2-224$s.json" python evaluate.py transfer "$r" --data "$NETTE" "${x[@]}"
+  todo "$r/eval_transfer_digits$s.json" python evaluate.py transfer "$r" --data "$R/digits" "${x[@]}"
+}
+
+evaluate() {
+  python scripts/digits_folder.py "$R/digits" # the second transfer target (scikit-learn's)
+  {
+    for m in $METHODS; do protocols "$R/$m"; done
+    for m in $BASELINES; do protocols "$R/$m" --random-init; done
+    # the masking ablation: probe and 10%-label fine-tuning of the other three maskings
+    for m in mae_block0.5 mae_block0.75 mae_grid0.75; do
+      todo "$R/$m/eval_linear.json" python linear_probe.py "$R/$m" "${PROBE[@]}"
+      todo "$R/$m/eval_finetune.json" python evaluate.py finetune "$R/$m" "${FINETUNE[@]}" --pcts 10
+    done
+    todo "$R/context_neighbour_only/eval_linear.json" python linear_probe.py "$R/context_neighbour_only" "${PROBE[@]}"
+  } | parallel
+  # t-SNE of every method's test features, one panel each
+  # shellcheck disable=SC2046
+  python evaluate.py tsne $(for m in $METHODS; do echo "$R/$m"; done) --out docs --png tsne_cpu.png --no-save
+}
+
+tables() {
+  local runs=()
+  for m in $METHODS; do runs+=("$R/$m"); done
+  python results_table.py "${runs[@]}" "$R/context_neighbour_only" --only pretrain linear --update README.md --marker lecture_probe
+  for p in cluster finetune transfer robustness; do
+    python results_table.py "${runs[@]}" --only "$p" --update README.md --marker "lecture_$p"
+  done
+  python results_table.py "$R"/mae_* --only pretrain linear finetune --update README.md --marker mae_ablation
+}
+
+case ${1:-all} in
+pretrain) pretrain ;;
+evaluate) evaluate ;;
+tables) tables ;;
+all) pretrain && evaluate && tables ;;
+*)
+  echo "usage: bash scripts/lecture.sh [pretrain|evaluate|tables]" >&2
+  exit 2
+  ;;
+esac
