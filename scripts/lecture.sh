@@ -59,6 +59,7 @@ pretrain() {
 protocols() {
   local r=$1 s=${2:+_random_init} x=()
   [[ -n ${2:-} ]] && x=("$2")
+  done_run "$r" || return 0 # not pre-trained (yet): nothing to evaluate
   todo "$r/eval_linear$s.json" python linear_probe.py "$r" "${PROBE[@]}" "${x[@]}"
   todo "$r/eval_cluster$s.json" python evaluate.py cluster "$r" "${x[@]}"
   todo "$r/eval_finetune$s.json" python evaluate.py finetune "$r" "${FINETUNE[@]}" "${x[@]}"
@@ -74,14 +75,23 @@ evaluate() {
     for m in $BASELINES; do protocols "$R/$m" --random-init; done
     # the masking ablation: probe and 10%-label fine-tuning of the other three maskings
     for m in mae_block0.5 mae_block0.75 mae_grid0.75; do
+      done_run "$R/$m" || continue
       todo "$R/$m/eval_linear.json" python linear_probe.py "$R/$m" "${PROBE[@]}"
       todo "$R/$m/eval_finetune.json" python evaluate.py finetune "$R/$m" "${FINETUNE[@]}" --pcts 10
     done
-    todo "$R/context_neighbour_only/eval_linear.json" python linear_probe.py "$R/context_neighbour_only" "${PROBE[@]}"
+    if done_run "$R/context_neighbour_only"; then
+      todo "$R/context_neighbour_only/eval_linear.json" python linear_probe.py "$R/context_neighbour_only" "${PROBE[@]}"
+    fi
   } | parallel
-  # t-SNE of every method's test features, one panel each
-  # shellcheck disable=SC2046
-  python evaluate.py tsne $(for m in $METHODS; do echo "$R/$m"; done) --out docs --png tsne_cpu.png --no-save
+  # t-SNE of every method's test features, one panel each (once all are pre-trained)
+  local runs=() m
+  for m in $METHODS; do
+    done_run "$R/$m" || return 0
+    runs+=("$R/$m")
+  done
+  [[ -f $R/tsne.done ]] && return 0
+  python evaluate.py tsne "${runs[@]}" --out docs --png tsne_cpu.png --no-save
+  touch "$R/tsne.done"
 }
 
 tables() {
