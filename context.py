@@ -25,7 +25,9 @@ Choices made here:
   would see 1x1).
   As the paper works on a resized image, the image is upsampled x3 to a 96 px canvas and the
   patches are 16 px there (5.3 source pixels), gap 8 (half a patch, as the paper's 48/96) and
-  jitter +-3 (1 source pixel; the gap never closes below 2 px). The grid's place is random.
+  jitter +-1 (the paper's ratio, 7 px per 96 px patch; the gap never closes below 6 px, 2
+  source pixels: a larger jitter, +-3, let it shrink to under one source pixel, where edges
+  continue across it). The grid's place is random.
 - JPEG shortcut (small images): JPEG stores 8x8-pixel blocks, and at CIFAR's native resolution
   their edges are visible. If neighbouring patches are not a whole number of blocks apart, the
   block grid's phase in the neighbour against the centre tells the direction: with 20 px
@@ -37,7 +39,7 @@ Choices made here:
   The upsampling is implicit: roi_align samples each patch from the 32x32 image at exactly the
   canvas pixel centres (bilinear, the same values as F.interpolate then cropping), so no 96 px
   image is ever built. Bigger images (Imagenette, 224) use the image itself as the canvas with
-  patches of 5/24 of it (47 px, gap 23, jitter 7: the paper's jitter). Each patch holds at most
+  patches of 5/24 of it (47 px, gap 23, jitter 3: 7/96 of the patch). Each patch holds at most
   ~45 source pixels at 32 px (paper: some patches are downsampled to 100 pixels against
   pixelation shortcuts), so that augmentation is not needed here and is not done.
 - Batches: every image gives its centre patch with all 8 neighbours, 8 labelled pairs (the
@@ -51,8 +53,13 @@ Choices made here:
 - Optimiser: SGD with momentum 0.9 and weight decay 5e-4, batch norm in the trunk (the paper:
   SGD, with batch normalisation), the shared warm-up + cosine schedule; lr 0.1 per 256 pairs
   (32 images), linear in the batch.
-- linear_probe.py and the k-NN evaluate the trunk on whole 32x32 images (RGB, normalised), not
-  on the 3x-upsampled patches the task used: one representation, one protocol for all methods.
+- linear_probe.py, evaluate.py and the k-NN evaluate the trunk on whole 32x32 images with the
+  colours it trained on: green-magenta projected, then normalised (the checkpoint's input
+  "rgb_project"; with --chroma drop, plain RGB), at native size, not 3x-upsampled patches: one
+  protocol for all methods (linear_probe.py --upsample 3 gives the training scale).
+- --neighbour-only: the ablation in which the head sees the neighbour's embedding alone. On
+  noise images neither it nor the pair beats chance (tests/test_context.py: no low-level cue
+  to a patch's place); on photographs it measures what one patch's content says.
 
 Run:
   python context.py                                  # CIFAR-10 in ./data, GPU recipe if CUDA

@@ -168,9 +168,12 @@ def linear_probe(ftr, ytr, fte, yte, num_classes, args) -> dict:
 
 
 def upsampled(images: torch.Tensor, prepare, factor: float) -> torch.Tensor:
-    """The backbone's input at `factor` times the size (bilinear, like context.py's canvas)."""
+    """The backbone's input at `factor` times the size (bilinear, like context.py's canvas;
+    antialiased when shrinking, e.g. 224 px Imagenette to a 96 px canvas)."""
     x = prepare(images)
-    return F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)
+    return F.interpolate(
+        x, scale_factor=factor, mode="bilinear", align_corners=False, antialias=factor < 1
+    )
 
 
 def main(args):

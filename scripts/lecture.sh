@@ -11,7 +11,8 @@
 #
 # Runs go side by side, JOBS at a time (default 2, one core each: OMP_NUM_THREADS=1). A step
 # whose output exists is skipped, so an interrupted stage is rerun by running it again.
-# Environment: DATA (CIFAR-10), NETTE (Imagenette, a transfer target), RUNS (output root).
+# Environment: DATA (CIFAR-10), NETTE (Imagenette, a transfer target), RUNS (output root),
+# JOBS, DRY=1 (print the commands a stage would run, run nothing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/cifar10-jpeg.tar.gz}
@@ -30,8 +31,11 @@ PROBE=(--limit-train 10000)
 FINETUNE=(--subset-dir "$R/subsets" --epochs 10 --batch-size 64)
 ROBUST=(--limit-train 10000 --limit-test 2000)
 
-# Run the commands on stdin (one per line), JOBS at a time; fail if any fails.
-parallel() { xargs -d '\n' -P "$JOBS" -I{} bash -c '{}'; }
+# Run the commands on stdin (one per line), JOBS at a time; fail if any fails. DRY=1: print
+# them instead (what a stage would run now).
+parallel() {
+  if [[ -n ${DRY:-} ]]; then cat; else xargs -d '\n' -P "$JOBS" -I{} bash -c '{}'; fi
+}
 # A command line unless its result file exists.
 todo() {
   local file=$1

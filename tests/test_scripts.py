@@ -1,0 +1,99 @@
+"""scripts/: the digits transfer target (scikit-learn's digits as an ImageFolder) and
+lecture.sh, the README's every-method x every-protocol pipeline, checked by what it would run
+(DRY=1) for an empty and for a partly done results folder."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import digits_folder  # noqa: E402
+
+
+def test_digits_folder_is_a_stratified_fixed_split(tmp_path):
+    from sklearn.datasets import load_digits
+
+    counts = digits_folder.write_digits(tmp_path / "d")
+    assert counts == {"train": 1198, "test": 599}
+    files = {s: sorted((tmp_path / "d" / s).rglob("*.png")) for s in ("train", "test")}
+    assert len(files["train"]) + len(files["test"]) == 1797
+    names = {s: {f.name for f in fs} for s, fs in files.items()}
+    assert not names["train"] & names["test"]  # every image in one split only
+    target = load_digits().target
+    for c in range(10):  # a third of every class is test
+        n_test = len(list((tmp_path / "d" / "test" / str(c)).iterdir()))
+        assert abs(n_test - (target == c).sum() / 3) <= 1
+    f = files["test"][0]
+    img = Image.open(f)
+    assert img.size == (32, 32) and img.mode == "RGB"
+    # the picture is the digit's: the 8x8 original, scaled up, matches its 32 px copy
+    i = int(f.stem)
+    small = np.asarray(img.convert("L").resize((8, 8), Image.Resampling.BOX), dtype=float)
+    truth = load_digits().images[i] * 255 / 16
+    assert np.corrcoef(small.ravel(), truth.ravel())[0, 1] > 0.9
+    assert f.parent.name == str(target[i])  # filed under its own class
+    mtime = f.stat().st_mtime_ns
+    assert digits_folder.write_digits(tmp_path / "d") == counts  # the same split again
+    assert f.stat().st_mtime_ns == mtime  # and nothing rewritten
+
+
+def lecture(stage, runs, **env):
+    r = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "lecture.sh"), stage],
+        env={**os.environ, "DRY": "1", "RUNS": str(runs), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    return [line for line in r.stdout.splitlines() if line.startswith("python ")]
+
+
+def test_lecture_script_is_valid_bash():
+    script = str(ROOT / "scripts" / "lecture.sh")
+    r = subprocess.run(["bash", "-n", script], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    if shutil.which("shellcheck"):
+        r = subprocess.run(["shellcheck", script], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stdout
+
+
+def test_lecture_pretrain_runs_every_method_once(tmp_path):
+    cmds = lecture("pretrain", tmp_path)
+    scripts = [c.split()[1] for c in cmds]
+    for m in ("simclr", "rotnet", "jigsaw", "context", "colorize", "inpainting"):
+        assert f"{m}.py" in scripts
+    assert scripts.count("mae.py") == 4 and scripts.count("context.py") == 2
+    assert all("--fresh" in c and f"--out {tmp_path}/" in c for c in cmds)
+    budgeted = [c for c in cmds if "mae.py" not in c]
+    assert all("--time-budget 6" in c for c in budgeted)  # one wall-clock budget for all
+    mae = [c for c in cmds if "mae.py" in c]  # the ablation: equal epochs, four maskings
+    assert all("--epochs 3" in c for c in mae)
+    masks = {
+        (c.split("--mask-type ")[1].split()[0], c.split("--mask-ratio ")[1].split()[0]) for c in mae
+    }
+    assert masks == {("random", "0.75"), ("block", "0.5"), ("block", "0.75"), ("grid", "0.75")}
+
+
+def test_lecture_evaluate_covers_what_is_pretrained_and_skips_what_is_done(tmp_path):
+    assert lecture("evaluate", tmp_path) == []  # nothing pre-trained: nothing to evaluate
+    for m in ("simclr", "rotnet"):
+        (tmp_path / m).mkdir()
+        (tmp_path / m / "log.jsonl").write_text(json.dumps({"result": {"method": m}}) + "\n")
+    (tmp_path / "rotnet" / "eval_cluster.json").write_text("{}")  # done before
+    cmds = lecture("evaluate", tmp_path)
+    sim = [c for c in cmds if f"{tmp_path}/simclr" in c and "--random-init" not in c]
+    base = [c for c in cmds if f"{tmp_path}/simclr" in c and "--random-init" in c]
+    rot = [c for c in cmds if f"{tmp_path}/rotnet" in c]
+    kinds = ["linear_probe.py", "cluster", "finetune", "robustness", "imagenette", "digits"]
+    for group in (sim, base):
+        assert len(group) == 6 and all(any(k in c for c in group) for k in kinds), group
+    assert len(rot) == 5 and not any("cluster" in c for c in rot)
+    assert not any("--random-init" in c for c in rot)  # simclr's baseline is rotnet's too
