@@ -105,7 +105,7 @@ tables() {
   for p in cluster finetune transfer robustness; do
     python results_table.py "${runs[@]}" --only "$p" --update README.md --marker "lecture_$p"
   done
-  python results_table.py "$R"/mae_* --only pretrain linear finetune --update README.md --marker mae_ablation
+  python results_table.py "$R"/mae_{random0.75,block0.5,block0.75,grid0.75} --only pretrain linear finetune --update README.md --marker mae_ablation
 }
 
 case ${1:-all} in
