@@ -181,8 +181,6 @@ def build_table(
         proto = protocol_of(rec)
         if proto in (None, "tsne"):  # a figure, no numbers
             continue
-        if only and proto not in only and proto != "config":
-            continue
         random_init = bool(rec.get("random_init", False))
         key = (os.path.normpath(os.path.abspath(folder)), random_init)
         row = rows.setdefault(key, {"cells": {}, "commands": [], "method": None, "epochs": None})
@@ -192,6 +190,8 @@ def build_table(
             # the run's own count wins (a --time-budget run: 1.86, not its preset's 100)
             if proto == "pretrain" or row["epochs"] is None:
                 row["epochs"] = ep if proto == "pretrain" else int(ep)
+        if only and proto not in only and proto != "config":
+            continue  # (its epoch count is kept above)
         row["cells"].update(cells(rec))
         cmd = rec.get("command")
         if cmd and cmd not in row["commands"]:
