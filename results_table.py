@@ -38,6 +38,8 @@ COLUMNS = [
     ("pretrain", "pretext_top1", "pretext top-1", "{:.1f}"),
     ("pretrain", "recon_loss", "recon loss", "{:.4f}"),
     ("pretrain", "recon_loss_random75", "recon loss (random 75%)", "{:.4f}"),
+    ("pretrain", "pretext_l2", "hole L2", "{:.3f}"),  # inpainting; mean fill: "fill L2"
+    ("pretrain", "fill_l2", "fill L2", "{:.3f}"),
     ("pretrain", "knn_top1", "k-NN (pre-train)", "{:.1f}"),
     ("linear", "linear_top1", "linear", "{:.1f}"),
     ("linear", "knn_top1", "k-NN", "{:.1f}"),
