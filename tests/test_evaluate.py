@@ -291,7 +291,10 @@ def test_results_table_per_protocol_with_mae_mask_columns(tiny_run, vit_run, tmp
     (mae_run / "log.jsonl").write_text(json.dumps({"result": result}) + "\n")
     cluster = {"protocol": "cluster", "method": "mae", "nmi": 0.25, "ari": 0.1, "cluster_acc": 30}
     (mae_run / "eval_cluster.json").write_text(json.dumps(cluster | {"command": "python c"}))
-    table = results_table.main([str(tiny_run), str(mae_run), "--only", "cluster"])
+    sim_run = tmp_path / "simclr"  # a pre-training result alone (no eval_*.json)
+    sim_run.mkdir()
+    (sim_run / "log.jsonl").write_text((tiny_run / "log.jsonl").read_text())
+    table = results_table.main([str(sim_run), str(mae_run), "--only", "cluster"])
     lines = table.splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert header == ["run", "method", "epochs", "mask", "mask ratio", "NMI", "ARI"] + [
