@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from common.augment import to_float
+from common.augment import normalize, to_float
 
 # sRGB primaries -> XYZ (D65), as in the sRGB specification and skimage; rows: X, Y, Z.
 XYZ_FROM_RGB = (
@@ -99,7 +99,4 @@ def project_green_magenta(x: torch.Tensor) -> torch.Tensor:
 def projected_input(images: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 [B, H, W, 3] -> green-magenta projected, then normalised with the training set's
     mean/std: what context.py's trunk sees (input "rgb_project" in its checkpoint config)."""
-    x = project_green_magenta(to_float(images))
-    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
-    return (x - m) / s
+    return normalize(project_green_magenta(to_float(images)), mean, std)

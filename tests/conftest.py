@@ -50,3 +50,18 @@ def image_folder(tmp_path) -> Path:
                 write_image(root / split / cls / f"{i}{ext}", size, mode, seed=100 * c + i)
     (root / "train" / "cat" / "notes.txt").write_text("not an image")
     return root
+
+
+def quick_probe(run_dir, monkeypatch, *flags, epochs: int = 5) -> dict:
+    """linear_probe.main on a run, on 2000 train and 1000 test images (for speed)."""
+    import linear_probe
+
+    load = linear_probe.load_split
+    monkeypatch.setattr(
+        linear_probe,
+        "load_split",
+        lambda data, split: load(data, split).subset(1000 if split == "test" else None, 0),
+    )
+    argv = [str(run_dir), "--limit-train", "2000", "--epochs", str(epochs), "--lrs", "0.1"]
+    argv += ["--wds", "0", *flags]
+    return linear_probe.main(linear_probe.get_args_parser().parse_args(argv))

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import inpainting
-import linear_probe
 from common.backbones import build_backbone
 from common.checkpoint import load_checkpoint
 from common.train import apply_preset
+from conftest import quick_probe
 
 
 def test_hole_pixels_do_not_reach_the_encoder():
@@ -107,14 +107,7 @@ def test_tiny_run_and_linear_probe(tiny_run, monkeypatch):
     lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert {"loss", "lr", "rec_loss"} <= [x for x in lines if "loss" in x][-1].keys()
     assert res["pretext_l2"] < res["fill_l2"]  # better than leaving the mean in the hole
-    load = linear_probe.load_split
-    monkeypatch.setattr(
-        linear_probe,
-        "load_split",
-        lambda data, split: load(data, split).subset(1000 if split == "test" else None, 0),
-    )
-    argv = [str(out), "--limit-train", "2000", "--epochs", "3", "--lrs", "0.1", "--wds", "0"]
-    probe = linear_probe.main(linear_probe.get_args_parser().parse_args(argv))
+    probe = quick_probe(out, monkeypatch, epochs=3)
     assert probe["method"] == "inpainting"
     print("inpainting tiny", res, "probe", probe["knn_top1"], probe["linear_top1"])
     # Above chance (10%); 3 probe epochs give ~14% linear, k-NN ~24% (a random trunk: ~17/25%:

@@ -7,22 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-import linear_probe
 import rotnet
 from common.checkpoint import load_checkpoint
 from common.train import ConfigError, apply_preset
-
-
-def probe(run_dir, monkeypatch, *flags):
-    """linear_probe.main on a run, on 2000 train and 1000 test images (for speed)."""
-    load = linear_probe.load_split
-    monkeypatch.setattr(
-        linear_probe,
-        "load_split",
-        lambda data, split: load(data, split).subset(1000 if split == "test" else None, 0),
-    )
-    argv = [str(run_dir), "--limit-train", "2000", "--epochs", "5", "--lrs", "0.1", "--wds", "0"]
-    return linear_probe.main(linear_probe.get_args_parser().parse_args([*argv, *flags]))
+from conftest import quick_probe as probe
 
 
 def run_rotnet(cifar_tar, out, *extra):
