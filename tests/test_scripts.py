@@ -47,7 +47,9 @@ def test_digits_folder_is_a_stratified_fixed_split(tmp_path):
 def lecture(stage, runs, **env):
     r = subprocess.run(
         ["bash", str(ROOT / "scripts" / "lecture.sh"), stage],
-        env={**os.environ, "DRY": "1", "RUNS": str(runs), **env},
+        # `python` in the script is this interpreter (a venv's, even if not activated)
+        env={**os.environ, "DRY": "1", "RUNS": str(runs), **env}
+        | {"PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"},
         capture_output=True,
         text=True,
         timeout=120,
