@@ -88,6 +88,66 @@ def test_mask_shapes_and_coverage(frac):
     assert (nb & r).sum() > 0.8 * r.sum()
 
 
+def test_random_regions_are_the_default_and_center_an_option():
+    args = apply_preset(
+        inpainting.get_args_parser().parse_args(["--preset", "tiny"]), inpainting.PRESETS
+    )
+    assert args.mask == "region"  # the paper's feature-learning masks
+    for kind in ("center", "blocks"):
+        assert inpainting.get_args_parser().parse_args(["--mask", kind]).mask == kind
+
+
+def test_discriminator_sees_only_the_filled_region():
+    gen = torch.Generator().manual_seed(3)
+    img = torch.randn(4, 3, 32, 32)
+    # Central holes: the box is the 16x16 square and the input is exactly that crop.
+    hole = inpainting.make_masks("center", 4, 32, 0.25, gen)
+    box = inpainting.hole_box(hole)
+    assert box == (slice(8, 24), slice(8, 24))
+    assert torch.equal(inpainting.filled_region(img, hole, box), img[..., 8:24, 8:24])
+    # Random regions: hole pixels in place, zeros elsewhere; the box holds every hole pixel.
+    hole = inpainting.make_masks("region", 4, 32, 0.25, gen)
+    box = inpainting.hole_box(hole)
+    seen = inpainting.filled_region(img, hole, box)
+    h = hole[..., box[0], box[1]].expand_as(seen)
+    assert h.sum() == hole.expand_as(img).sum()
+    assert torch.equal(seen[h], img[..., box[0], box[1]][h]) and (seen[~h] == 0).all()
+    # A small hole: the box grows (centred) to 8 px, enough for the discriminator's convs.
+    small = inpainting.make_masks("center", 2, 32, 0.01, gen)  # a 3x3 square at 14..16
+    box = inpainting.hole_box(small)
+    assert box == (slice(11, 19), slice(11, 19))
+    out = inpainting.discriminator(8)(inpainting.filled_region(img[:2], small, box))
+    assert out.shape == (2, 1)
+
+
+def run_adv(cifar_tar, out, *extra):
+    args = inpainting.get_args_parser().parse_args(
+        ["--preset", "tiny", "--data", cifar_tar, "--out", str(out), "--device", "cpu"]
+        + ["--limit-train", "256", "--adv-weight", "0.001", *extra]
+    )
+    return inpainting.main(apply_preset(args, inpainting.PRESETS))
+
+
+def test_adversarial_option_has_its_own_optimiser_and_resumes_exactly(cifar_tar, tmp_path):
+    run_adv(cifar_tar, tmp_path / "full", "--max-steps", "4", "--log-every", "1")
+    run_adv(cifar_tar, tmp_path / "part", "--max-steps", "2")
+    run_adv(cifar_tar, tmp_path / "part", "--max-steps", "4", "--resume")
+    a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "part")
+    assert a["step"] == b["step"] == 4
+    assert set(a["optimizer"]) == {"model", "disc"}  # two Adams, saved and resumed
+    n_disc = len(list(inpainting.discriminator(8).parameters()))
+    assert len(a["optimizer"]["disc"]["state"]) == n_disc  # Adam state for every D weight
+    assert all(s["step"] == 4 for s in a["optimizer"]["disc"]["state"].values())
+    for part in ("backbone", "head"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    assert any(k.startswith("disc.") for k in a["head"])
+    lines = [json.loads(x) for x in (tmp_path / "full/log.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if "loss" in x]
+    assert len(steps) == 4 and {"d_loss", "g_adv", "rec_loss"} <= steps[-1].keys()
+    assert all(x["loss"] == x["rec_loss"] for x in steps)  # the logged loss is the L2 term
+
+
 @pytest.fixture(scope="module")
 def tiny_run(cifar_tar, tmp_path_factory):
     out = tmp_path_factory.mktemp("inpainting")
