@@ -25,10 +25,12 @@ on 2 CPU cores, with the commands (speed-to-quality curve: bench/speed_to_qualit
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from common import dist as D
 from common.augment import AugConfig, BatchAugment
@@ -188,6 +190,45 @@ def param_groups(model: nn.Module) -> list[dict]:
     return [{"params": decay}, {"params": rest, "exclude": True}]
 
 
+# ------------------------------------------------------------------------------- pretext eval
+def positive_hits(z1: torch.Tensor, z2: torch.Tensor) -> int:
+    """How many of the 2n anchors of z1, z2 [n, d] (the two views' projections) have their
+    positive (the other view of the same image) as the most cosine-similar of the 2n - 1 other
+    embeddings: SimCLR's pretext task, scored as top-1 (the temperature does not change it)."""
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # [2n, d]
+    sim = z @ z.T  # [2n, 2n]
+    sim.fill_diagonal_(float("-inf"))  # an anchor is not its own candidate
+    n = z1.shape[0]
+    pos = (torch.arange(2 * n, device=z.device) + n) % (2 * n)  # i <-> i + n
+    return int((sim.argmax(1) == pos).sum())
+
+
+@torch.no_grad()
+def pretext_top1(model, images: torch.Tensor, aug, batch: int, device, seed: int) -> float:
+    """Percent of test anchors whose top match among the 2N - 1 is their positive (chance
+    1 / (2N - 1)), on batches of N = the training batch (the candidate set the loss saw) of
+    uint8 images [M, H, W, 3], two views each from `aug` seeded by (seed, batch index). A ragged
+    last batch (fewer candidates: easier) is dropped unless it is the only one. BN uses the
+    batch's statistics, as in the loss (the official code's contrast_acc is this metric on
+    training batches), in a copy of the model: its running statistics are not touched. (With
+    running statistics a short run's can lag its weights: a 16-step run scored below an
+    untrained network, and above it with batch statistics.) All ranks compute the same number
+    (their BN statistics, all-reduced, are the same)."""
+    model = copy.deepcopy(model).train()
+    hits = total = 0
+    chunks = images.split(batch)
+    for i, chunk in enumerate(chunks):
+        if len(chunk) < batch and len(chunks) > 1:
+            break
+        gen = step_generator(seed, 0, i)
+        x = chunk.to(device)
+        views = torch.cat([aug(x, gen), aug(x, gen)])  # [2n, 3, S, S]
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            z = model(views)
+        hits, total = hits + positive_hits(*z.float().chunk(2)), total + 2 * len(chunk)
+    return 100.0 * hits / max(total, 1)
+
+
 # ------------------------------------------------------------------------------------ train
 def main(args):
     check_simclr_args(args)
@@ -236,6 +277,16 @@ def main(args):
         peak_lr=peak_lr,
     )
     ddp = D.wrap_ddp(model, device)
+    # Every log line also reports log(2N - 1) - L, the InfoNCE lower bound on the mutual
+    # information between the two views (nats), with L the mean NT-Xent per anchor. The logged
+    # loss is the official loss_a + loss_b (common/losses.py), twice that mean: hence loss / 2.
+    # Derived from the loss already synced for the line: no extra host sync.
+    log_step, log_2n_1 = run.log.step, math.log(2 * args.batch_size - 1)
+
+    def log_with_bound(*a, loss: float, **metrics) -> None:
+        log_step(*a, loss=loss, infonce_bound=log_2n_1 - loss / 2, **metrics)
+
+    run.log.step = log_with_bound
 
     def evaluate(epoch):
         acc = knn_top1(
@@ -267,7 +318,9 @@ def main(args):
         run.step_done(loss, lr=lr)
     if run.stopped:
         return run.finish(nt_xent=nt_xent_impl_used())
-    return run.finish(knn_top1=evaluate(args.epochs), nt_xent=nt_xent_impl_used())
+    knn = evaluate(args.epochs)
+    pretext = pretext_top1(model, test.images, aug, args.batch_size, device, args.seed)
+    return run.finish(knn_top1=knn, pretext_top1=pretext, nt_xent=nt_xent_impl_used())
 
 
 if __name__ == "__main__":
