@@ -11,7 +11,7 @@ import inpainting
 from common.backbones import build_backbone
 from common.checkpoint import load_checkpoint
 from common.train import apply_preset
-from conftest import quick_probe
+from conftest import probe_vs_untrained, quick_probe
 
 
 def test_hole_pixels_do_not_reach_the_encoder():
@@ -167,9 +167,37 @@ def test_tiny_run_and_linear_probe(tiny_run, monkeypatch):
     lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert {"loss", "lr", "rec_loss"} <= [x for x in lines if "loss" in x][-1].keys()
     assert res["pretext_l2"] < res["fill_l2"]  # better than leaving the mean in the hole
+    assert state["config"]["mask"] == "region"
+    assert res["pretext_l2_center"] < res["pretext_l2"] + 1  # (finite, on central holes too)
     probe = quick_probe(out, monkeypatch, epochs=3)
     assert probe["method"] == "inpainting"
     print("inpainting tiny", res, "probe", probe["knn_top1"], probe["linear_top1"])
-    # Above chance (10%); 3 probe epochs give ~14% linear, k-NN ~24% (a random trunk: ~17/25%:
-    # the tiny run is too short to beat it, so that is not asserted).
-    assert 11 < probe["linear_top1"] <= 100 and 15 < probe["knn_top1"] <= 100
+    # The probe runs on the checkpoint; beating the untrained trunk takes a longer run (below).
+    assert 10 < probe["linear_top1"] <= 100 and 10 < probe["knn_top1"] <= 100
+
+
+@pytest.fixture(scope="module")
+def learned_run(cifar_tar, tmp_path_factory):
+    """Long enough to beat the untrained trunk: 256 steps on 4,096 images (the tiny preset's 64
+    on 1,024 were too few with central holes: k-NN ~24% against ~25% for a random trunk)."""
+    out = tmp_path_factory.mktemp("inpainting_learned")
+    args = inpainting.get_args_parser().parse_args(
+        ["--preset", "tiny", "--data", cifar_tar, "--out", str(out), "--device", "cpu"]
+        + ["--limit-test", "1000", "--limit-train", "4096"]
+    )
+    return out, inpainting.main(apply_preset(args, inpainting.PRESETS))
+
+
+# Measured (2026-12-05, 2-core machine shared with four other engineers' jobs; random-region
+# masks): linear 27.6 trained vs 25.7 untrained (+1.9), k-NN 24.6 vs 24.1 (+0.5), 3 probe
+# epochs on the probe's 1,000 test images (1 point = 10 images, the same for both networks).
+MARGIN = 1.0
+
+
+@pytest.mark.slow
+def test_probe_beats_the_untrained_network(learned_run, monkeypatch):
+    """The linear probe on the trained trunk beats the same trunk untrained (same layer, same
+    input, same probe) by MARGIN points: fails when nothing is learned."""
+    trained, rand = probe_vs_untrained(learned_run[0], monkeypatch, epochs=3)
+    assert trained["method"] == "inpainting" and trained["num_test"] == 1000
+    assert trained["linear_top1"] > rand["linear_top1"] + MARGIN

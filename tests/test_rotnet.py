@@ -10,6 +10,7 @@ import torch
 import rotnet
 from common.checkpoint import load_checkpoint
 from common.train import ConfigError, apply_preset
+from conftest import probe_vs_untrained
 from conftest import quick_probe as probe
 
 
@@ -81,6 +82,32 @@ def test_linear_probe_on_stage_2(tiny_run, monkeypatch):
     res = probe(out, monkeypatch, "--layer", "2")  # RotNet's best features are mid-network
     assert res["method"] == "rotnet" and res["layer"] == 2 and res["num_test"] == 1000
     assert 10 < res["linear_top1"] <= 100 and 10 < res["knn_top1"] <= 100  # above chance (10%)
+
+
+@pytest.fixture(scope="module")
+def learned_run(cifar_tar, tmp_path_factory):
+    """Long enough to beat the untrained trunk: 256 steps on 4,096 images. The tiny preset's 64
+    steps do not (quick probe, k-NN: stage 2 24.0 trained vs 26.7 untrained, last stage 24.3 vs
+    24.1)."""
+    out = tmp_path_factory.mktemp("rotnet_learned")
+    return out, run_rotnet(cifar_tar, out, "--limit-train", "4096")
+
+
+# Measured on that run (2026-12-05, 2-core machine shared with four other engineers' jobs), on
+# the probe's 1,000 test images (1 point = 10 images, the same for both networks): last stage
+# linear 31.8 trained vs 27.8 untrained (+4.0), k-NN 28.1 vs 24.1 (+4.0); stage 2, the paper's
+# best block, is not yet ahead at this length (linear +2.1, k-NN -0.5), so the last is tested.
+MARGIN = 1.5
+
+
+@pytest.mark.slow
+def test_probe_beats_the_untrained_network(learned_run, monkeypatch):
+    """Linear probe and k-NN on the trained trunk beat the same trunk untrained (same stage,
+    same input, same probe) by MARGIN points: fails when nothing is learned."""
+    trained, rand = probe_vs_untrained(learned_run[0], monkeypatch)
+    assert trained["method"] == "rotnet" and trained["num_test"] == 1000
+    assert trained["linear_top1"] > rand["linear_top1"] + MARGIN
+    assert trained["knn_top1"] > rand["knn_top1"] + MARGIN
 
 
 def test_resume_continues_exactly(cifar_tar, tmp_path):
