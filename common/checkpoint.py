@@ -11,6 +11,9 @@ A checkpoint is a dict of tensors and plain Python values:
   config       the run's full configuration (vars(args)): rebuilds the backbone
   rng          torch / numpy / Python RNG states (augmentation streams are derived from
                (seed, rank, step), so resuming does not depend on these)
+  preprocess   the backbone's input: the training set's channel "mean" and "std" (what it was
+               normalised with), "input_size" and "input" kind (export.py; older checkpoints
+               lack it: `preprocess_of` recomputes it from the training data)
 
 `torch.load(weights_only=True)` refuses anything but tensors and plain containers, so a
 checkpoint from an untrusted source cannot run code.
@@ -117,3 +120,23 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a checkpoint of this repo (format {FORMAT})")
     return state
+
+
+def data_preprocess(config: dict, data: str | None = None) -> dict:
+    """The input preprocessing of a run's backbone, from its training data (`data`, default the
+    config's): the train split's channel mean and std, which every method normalises with (the
+    same for any --limit-train subset), the side the probes feed, and the input kind."""
+    from common.data import load_split
+
+    train = load_split(data or config["data"], "train")
+    return {
+        "mean": [float(v) for v in train.mean],
+        "std": [float(v) for v in train.std],
+        "input_size": int(config.get("image_size") or train.image_size),
+        "input": config.get("input", "rgb"),  # "lab_l" (colorize), "rgb_project" (context)
+    }
+
+
+def preprocess_of(state: dict, data: str | None = None) -> dict:
+    """A checkpoint's stored preprocessing, or (older checkpoints) the one its data gives."""
+    return state.get("preprocess") or data_preprocess(state["config"], data)

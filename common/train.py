@@ -357,6 +357,12 @@ class TrainRun:
                 )
         # All flags are checked and the data loaded: only now create OUT and print the config.
         if D.is_main():
+            from common.checkpoint import data_preprocess  # saved with every checkpoint
+
+            try:  # mean/std of the train split (cached by now); export.py reads them
+                self.preprocess = data_preprocess(vars(args))
+            except (DataError, OSError):  # data not on disk (in-memory tests): none stored
+                self.preprocess = None
             out.mkdir(parents=True, exist_ok=True)
             cfg = json.dumps(vars(args))
             print(f"config: {cfg} world_size {D.get_world_size()}", flush=True)
@@ -570,6 +576,7 @@ class TrainRun:
             step=self.step,
             epoch=self.epoch,
             config=vars(self.args),
+            extra={"preprocess": self.preprocess},
         )
         if self.args.keep_last > 1:  # a hard link: no second write, and atomic
             kept = self.out / f"checkpoint-{self.step:08d}.pt"
