@@ -167,3 +167,40 @@ def test_readme_snippet_runs(resnet_run, tmp_path, monkeypatch):
     )
     with torch.no_grad():
         assert (_repo_backbone(resnet_run)(x) - feats).abs().max() <= TOL
+
+
+def test_results_table_narrow_pairs_each_run_with_its_baseline(tmp_path):
+    """results_table.py --narrow (the README's summary): a run's own random-init row, else the
+    first one of the same backbone and width; deeper-layer and upsampled probes stay out."""
+    import json
+
+    import results_table
+
+    def run(name, method, minutes, probes, width=16):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "log.jsonl").write_text(
+            "not json\n" + json.dumps({"result": {"method": method, "train_minutes": minutes}})
+        )
+        for i, (ri, lin, knn, extra) in enumerate(probes):
+            rec = {
+                "checkpoint": str(d),
+                "method": method,
+                "random_init": ri,
+                "backbone": "resnet18",
+            }
+            rec |= {"width": width, "linear_top1": lin, "knn_top1": knn, **extra}
+            (d / f"eval_linear_{i}.json").write_text(json.dumps(rec))
+        return str(d)
+
+    a = run("a", "simclr", 8.04, [(False, 49.0, 44.4, {}), (True, 34.3, 29.0, {})])
+    b = run("b", "rotnet", 6.3, [(False, 36.6, 32.9, {}), (False, 99.0, 99.0, {"layer": 2})])
+    c = run("c", "context", 5.7, [(False, 29.2, 22.9, {}), (True, 32.8, 28.5, {})])
+    d = run("d", "jigsaw", 5.9, [(False, 35.6, 30.6, {})], width=8)  # no baseline of width 8
+    table = results_table.main([a, b, c, d, "--narrow"])
+    assert table.splitlines()[2:] == [
+        "| simclr | 8.0 | 49.0 / 34.3 | 44.4 / 29.0 |",
+        "| rotnet | 6.3 | 36.6 / 34.3 | 32.9 / 29.0 |",
+        "| context | 5.7 | 29.2 / 32.8 | 22.9 / 28.5 |",
+        "| jigsaw | 5.9 | 35.6 / - | 30.6 / - |",
+    ]
