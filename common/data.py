@@ -39,6 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.outputs import os_error_reason
+
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 CACHE_VERSION = 1
 DEFAULT_DATA = "./data"
@@ -273,7 +275,7 @@ def _why(e: OSError) -> str:
         return "a symlink loop (too many levels of symbolic links)"
     if e.errno == errno.ENOENT:
         return "a broken symlink (its target does not exist)"
-    return e.strerror or str(e)
+    return os_error_reason(e) or str(e)
 
 
 def _cached_size(root: Path) -> int | None:
@@ -337,6 +339,7 @@ def _build_cache(src: Path, kind: str, cache_dir: Path, size: int | None = None)
             out = np.lib.format.open_memmap(
                 tmp / f"{split}_images.npy", "w+", np.uint8, (len(entries), size, size, 3)
             )
+            _reserve(tmp / f"{split}_images.npy")
             resized = 0
             for i, (name, _) in enumerate(entries):
                 img = _decode(name, files.read(name))
@@ -366,6 +369,19 @@ def _build_cache(src: Path, kind: str, cache_dir: Path, size: int | None = None)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return root
+
+
+def _reserve(f: Path) -> None:
+    """Allocate the memory-mapped file's blocks now: a disk that cannot hold it fails here
+    with ENOSPC, not later as a SIGBUS when a write through the map finds no space."""
+    fd = os.open(f, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # (not every filesystem can)
+            raise
+    finally:
+        os.close(fd)
 
 
 class _Files(dict):

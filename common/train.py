@@ -261,6 +261,7 @@ def lock_run_dir(out: Path) -> None:
     while not p.exists():
         made.append(p)
         p = p.parent
+    new_lock = not (out / LOCK_FILE).exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
@@ -284,7 +285,7 @@ def lock_run_dir(out: Path) -> None:
             ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-    _run_dir = {"out": out, "fd": fd, "made": made}
+    _run_dir = {"out": out, "fd": fd, "made": made, "new_lock": new_lock}
     from common.checkpoint import remove_stale_temps
 
     if n := remove_stale_temps(out):
@@ -292,9 +293,9 @@ def lock_run_dir(out: Path) -> None:
 
 
 def release_run_dir(failed: bool) -> None:
-    """Unlock this process's run folder. When the run `failed` and no checkpoint was written,
-    remove what it made: the folder itself (and parents) when it created them, else its lock
-    file; a folder holding anything else is kept."""
+    """Unlock this process's run folder. When the run `failed`, remove what it made and no
+    one needs: the lock file it created, and, when no checkpoint was written, the folder
+    (and parents) it created with its log; a folder holding anything else is kept."""
     global _run_dir, _preloaded
     _preloaded = None
     if _run_dir is None:
@@ -302,14 +303,12 @@ def release_run_dir(failed: bool) -> None:
     run, _run_dir = _run_dir, None
     out = run["out"]
     try:
-        if failed and not (out / "checkpoint.pt").exists():
-            if run["made"]:
-                for name in (LOCK_FILE, "log.jsonl"):
-                    (out / name).unlink(missing_ok=True)
-                for d in run["made"]:  # innermost first; stops at one that holds anything
-                    d.rmdir()
-            else:
-                (out / LOCK_FILE).unlink(missing_ok=True)
+        if failed and run["new_lock"]:
+            (out / LOCK_FILE).unlink(missing_ok=True)
+        if failed and run["made"] and not (out / "checkpoint.pt").exists():
+            (out / "log.jsonl").unlink(missing_ok=True)
+            for d in run["made"]:  # innermost first; stops at one that holds anything
+                d.rmdir()
     except OSError:
         pass
     finally:
