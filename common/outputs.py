@@ -56,21 +56,25 @@ def _not_writable(folder: Path) -> str | None:
     return "read-only file system" if read_only else "permission denied"
 
 
-def check_output_dir(path: str | Path, flag: str) -> None:
-    """WriteError unless `path` is a writable folder or can be created as one (nothing is
-    created here). `flag` names it in the message (e.g. "--out")."""
-    path = Path(path)
+def _dir_problem(path: Path) -> str | None:
+    """Why `path` cannot be (or become) a folder to write in, or None when it can."""
     if path.exists() and not path.is_dir():
-        raise WriteError(f"{flag} {path}: is a file, not a folder")
+        return "is a file, not a folder"
     p = path.absolute()
     while not p.exists() and not p.is_symlink():
         p = p.parent
     if not p.is_dir():
-        where = "is a file" if p == path.absolute() else f"{p} is a file, not a folder"
-        raise WriteError(f"{flag} {path}: {where}")
+        return f"{p} is a file, not a folder"
     why = _not_writable(p)
+    return f"cannot write in {p}: {why}" if why else None
+
+
+def check_output_dir(path: str | Path, flag: str) -> None:
+    """WriteError unless `path` is a writable folder or can be created as one (nothing is
+    created here). `flag` names it in the message (e.g. "--out")."""
+    why = _dir_problem(Path(path))
     if why:
-        raise WriteError(f"{flag} {path}: cannot write in {p}: {why}")
+        raise WriteError(f"{flag} {path}: {why}")
 
 
 def check_output_file(path: str | Path, flag: str) -> None:
@@ -78,9 +82,12 @@ def check_output_file(path: str | Path, flag: str) -> None:
     path = Path(path)
     if path.is_dir():
         raise WriteError(f"{flag} {path}: is a folder, not a file")
-    check_output_dir(path.parent, flag)
-    if path.exists() and not os.access(path, os.W_OK):
-        raise WriteError(f"{flag} {path}: {_not_writable(path.parent) or 'permission denied'}")
+    why = _dir_problem(path.parent)
+    if why is None and path.exists() and not os.access(path, os.W_OK):
+        why = _not_writable(path.parent) or "permission denied"
+    if why:
+        where = f"{path.parent} " if why.startswith("is a file") else ""
+        raise WriteError(f"{flag} {path}: {where}{why}")
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

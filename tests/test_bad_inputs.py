@@ -226,8 +226,9 @@ def world(tmp_path_factory):
 # ------------------------------------------------------------------------------- the cases
 @dataclass
 class Case:
-    """One bad input. argv's strings may hold {data}, {run}, {tmp}, {out}: the tiny data set, a
-    copy of the finished run (made when named), the case's folder and a fresh --out there.
+    """One bad input. argv's strings may hold {data}, {run}, {tmp}, {out}: the tiny data set
+    (the case's copy TMP/d when its setup made one), a copy of the finished run (made when
+    named), the case's folder and a fresh --out there.
     setup(tmp, world) prepares files (and may return an env update); check(tmp, result)
     asserts more."""
 
@@ -332,6 +333,10 @@ def relative_data_checkpoint(with_abs: bool):
         torch.save(state, ck)
 
     return setup
+
+
+def corrupt_subset(tmp, world):
+    (tmp / "subset_50pct_seed0.json").write_text("{")  # a killed writer's half file
 
 
 def results_files(tmp, world):
@@ -511,7 +516,8 @@ CASES = [
          r"cannot write checkpoint .*: no space left on device \(the previous one is intact\)",
          inject="enospc@save", check=check_injected, keeps="out"),
     Case("cache-disk-full", T("simclr.py", "--out", "{out}"),
-         "cannot write the decoded-image cache .*no space left on device", setup=cache_full),
+         "cannot write the decoded-image cache .*no space left on device", setup=cache_full,
+         keeps="cachedisk/cache"),
     # 9. the run folder read-only / the disk full when a probe saves its result
     Case("probe-run-read-only", ["linear_probe.py", "{tmp}/ro/run"],
          "read-only file system \\(--no-save prints", setup=read_only, data_read=False),
@@ -545,7 +551,7 @@ CASES = [
          r"--upsample must be in \(0, inf\)", data_read=False),
     Case("finetune-corrupt-subset", ["evaluate.py", "finetune", "{run}", "--pcts", "50",
          "--subset-dir", "{tmp}"], r"subset_50pct_seed0.json: not a subset list",
-         setup=lambda tmp, w: (tmp / "subset_50pct_seed0.json").write_text("{")),
+         setup=corrupt_subset),
     # 11./12. one odd image that sorts first no longer sets the size of the data set
     Case("tiny-image-first", T("simclr.py", "--out", "{out}"), rc=0, setup=odd_first_image((1, 1)),
          check=check_size(16, r"1 of 49 images .* not 16x16 px")),
@@ -614,7 +620,8 @@ CASES = [
 
 
 def expand(argv, tmp: Path, world: World) -> list[str]:
-    subs = {"{data}": str(world.data), "{tmp}": str(tmp), "{out}": str(tmp / "out")}
+    data = tmp / "d" if (tmp / "d").is_dir() else world.data  # a case's own copy, if made
+    subs = {"{data}": str(data), "{tmp}": str(tmp), "{out}": str(tmp / "out")}
     subs["{run}"] = str(tmp / "run")
     subs["{root}"] = str(ROOT)
     out = []
@@ -641,11 +648,13 @@ def test_bad_input(case: Case, world: World, tmp_path: Path):
     env = env_for(cache)
     if case.setup:
         env.update(case.setup(tmp, world) or {})
-    before = load_checkpoint(tmp / "run")["step"] if (tmp / "run").is_dir() else None
+    loadable = (tmp / "run").is_dir() and case.setup is not truncate_checkpoint
+    before = load_checkpoint(tmp / "run")["step"] if loadable else None
     runs_before = {p for p in tmp.rglob("*")}
     argv = expand(case.argv, tmp, world)
     argv[0] = str(ROOT / argv[0])  # (the case may run in another folder)
-    r = world.zygote.run(argv, expand([case.cwd], tmp, world)[0], env, tmp / "logs")
+    cwd = expand([case.cwd], tmp, world)[0]
+    r = world.zygote.run(argv, cwd, env, tmp / "logs", inject=case.inject)
 
     assert r.rc == case.rc, f"exit {r.rc}\n{r.stderr[-3000:]}"
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
@@ -663,9 +672,8 @@ def test_bad_input(case: Case, world: World, tmp_path: Path):
     assert not leftovers(tmp), leftovers(tmp)
     if not case.data_read:
         assert not cache.exists() or not any(cache.iterdir()), "data was read before the error"
-    if before is not None and case.setup is not truncate_checkpoint:
-        if (tmp / "run" / "checkpoint.pt").exists():
-            assert load_checkpoint(tmp / "run")["step"] >= before  # still loadable
+    if before is not None:  # the run's checkpoint: still there, loadable, not older
+        assert load_checkpoint(tmp / "run")["step"] >= before
     if case.check:
         case.check(tmp, r)
 
@@ -684,7 +692,7 @@ def test_second_process_on_the_same_out_names_the_first(world, tmp_path):
         while not (out / ".lock").exists() or not (out / ".lock").read_text().strip():
             assert first.poll() is None and time.time() - t0 < 120, first.communicate()
             time.sleep(0.2)
-        r = world.zygote.run(cmd, ROOT, env, tmp_path / "logs")
+        r = world.zygote.run(cmd[1:], ROOT, env, tmp_path / "logs")
         assert r.rc == 2 and len(r.errors) == 1 and "Traceback" not in r.stderr, r.stderr
         assert f"is in use by another run (pid {first.pid} on " in r.errors[0]
         assert first.poll() is None  # still running
@@ -692,7 +700,7 @@ def test_second_process_on_the_same_out_names_the_first(world, tmp_path):
         first.kill()
         first.wait()
     # the killed run's lock is stale now: the next run takes it over and resumes or starts
-    r = world.zygote.run(cmd + ["--max-steps", "1", "--fresh"], ROOT, env, tmp_path / "logs2")
+    r = world.zygote.run(cmd[1:] + ["--max-steps", "1", "--fresh"], ROOT, env, tmp_path / "l2")
     assert r.rc == 0, r.stderr[-2000:]
 
 
