@@ -169,8 +169,10 @@ def load_data(args: argparse.Namespace, cfg: dict, limit_train: int | None = Non
     """(train, test, prepare, data path): the dataset (--data, else the checkpoint's), test
     limited by --limit-test; prepare maps uint8 images to the backbone's input."""
     data, size = linear_probe.checkpoint_data(args.data, cfg)  # (size: None for --data)
-    train = load_split(data, "train", image_size=size).subset(limit_train, args.seed)
-    test = load_split(data, "test", image_size=size).subset(args.limit_test, args.seed)
+    train, test = load_split(data, "train"), load_split(data, "test")
+    if size and train.image_size != size:  # the checkpoint's own data, at its training size
+        train, test = (load_split(data, s, image_size=size) for s in ("train", "test"))
+    train, test = train.subset(limit_train, args.seed), test.subset(args.limit_test, args.seed)
     return train, test, input_transform(cfg, train.mean, train.std), data
 
 

@@ -114,6 +114,15 @@ def check_save_folder(run: str | Path, save: bool) -> None:
             raise WriteError(f"{e} (--no-save prints the result without saving it)") from None
 
 
+def load_at_size(data: str, split: str, size: int | None):
+    """load_split at the image size the backbone trained at (a run with --image-size, or
+    data whose most common size is not what it was), else at the data's own size."""
+    images = load_split(data, split)
+    if size and images.image_size != size:
+        images = load_split(data, split, image_size=size)
+    return images
+
+
 def checkpoint_data(data: str | None, cfg: dict) -> tuple[str, int | None]:
     """(dataset path, image size) to evaluate on: --data when given (images at their own
     size), else the checkpoint's dataset at its training size. The checkpoint stores --data as
@@ -230,8 +239,8 @@ def main(args):
     device = D.init_distributed(args.device)
     backbone.to(device)
     data, size = checkpoint_data(args.data, cfg)
-    train = load_split(data, "train", image_size=size).subset(args.limit_train, args.seed)
-    test = load_split(data, "test", image_size=size)
+    train = load_at_size(data, "train", size).subset(args.limit_train, args.seed)
+    test = load_at_size(data, "test", size)
     # Inputs as the method saw them (RGB normalised with the training set's statistics, or
     # colorization's L channel), features from the last stage or from --layer.
     prepare = input_transform(cfg, train.mean, train.std)
