@@ -801,9 +801,9 @@ def check_resume(args: argparse.Namespace, out: Path) -> None:
     try:
         _preloaded = (path, load_checkpoint(path))
     except (ValueError, FileNotFoundError) as e:
-        raise ConfigError(
-            f"cannot resume: {one_line(e)}. Move it away, or pass --fresh to start over"
-        ) from None
+        way = "pass another --resume" if path != out / "checkpoint.pt" else "move it away"
+        raise ConfigError(f"cannot resume: {one_line(e)}. {way.capitalize()}, or pass --fresh "
+                          "to start over") from None  # fmt: skip
 
 
 def check_same_config(args: argparse.Namespace) -> None:
