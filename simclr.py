@@ -127,6 +127,11 @@ def check_simclr_args(args) -> None:
     check_range(args, "lars_eta", 0, lo_open=True)
     if args.proj_dim <= 0:
         raise ConfigError(f"--proj-dim must be > 0, got {args.proj_dim}")
+    if args.batch_size is not None and 0 < args.batch_size < 2:  # NT-Xent needs negatives
+        raise ConfigError(
+            f"--batch-size {args.batch_size}: SimCLR needs at least 2 images per step (each "
+            "image's negatives are the other images' views; with 1 the loss is always 0)"
+        )
 
 
 # ------------------------------------------------------------------------------------ model

@@ -10,19 +10,24 @@ The command-line contract (the same for every method):
   --resume [CKPT]  continue DIR/checkpoint.pt (or CKPT); a run directory that already holds a
                    checkpoint is resumed automatically (--fresh starts over)
 
-Exit codes: 0 done; 2 bad config or data (nothing trained); 3 non-finite loss (the last good
-checkpoint is kept); 75 preempted by SIGTERM/SIGINT (a checkpoint of the last finished step was
-written: rerun the same command to continue).
+Exit codes: 0 done; 2 bad config or data (nothing trained), a run folder in use by another
+process, or an output that cannot be written (disk full, read-only: the previous checkpoint is
+kept); 3 non-finite loss (the last good checkpoint is kept); 75 preempted by SIGTERM/SIGINT (a
+checkpoint of the last finished step was written: rerun the same command to continue).
+A run folder belongs to one run: OUT/.lock is locked (fcntl.flock) for the run's life.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
 import json
 import math
 import os
 import shlex
 import signal
+import socket
 import sys
 import threading
 import time
@@ -33,15 +38,18 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DistributedSampler
 
+from common import data as data_module
 from common import dist as D
 from common.data import DEFAULT_DATA, DataError
+from common.outputs import WriteError, check_output_dir, os_error_reason
 
 EXIT_CONFIG, EXIT_NONFINITE, EXIT_PREEMPTED = 2, 3, 75
 # Config keys that may change when a run is resumed (everything else must match).
 RESUMABLE_CHANGES = set(
     "out resume fresh device preset log_every eval_every ckpt_every ckpt_minutes max_steps "
-    "keep_last data knn_bank dist_timeout skip_nonfinite limit_test".split()
+    "keep_last data data_path knn_bank dist_timeout skip_nonfinite limit_test".split()
 )
+LOCK_FILE = ".lock"  # in OUT: flock'ed by the run that owns the folder
 
 
 # --time-budget: steps BUDGET_WARM+1..BUDGET_PROBE are timed to set the run's step count.
@@ -75,6 +83,11 @@ def base_parser(
     p.add_argument("--backbone", choices=backbones, help="encoder architecture")
     p.add_argument("--width", type=int, help="ResNet stem width (64 = standard; 8-16 for CPU)")
     p.add_argument("--crop-size", type=int, help="training crop side (default: the image size)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        help="decode every image at SxS px (default: the most common size in the data)",
+    )
     p.add_argument("--limit-train", type=int, help="use a fixed random subset of N train images")
     p.add_argument(
         "--limit-test", type=int, help="evaluate on a fixed random subset of N test images"
@@ -142,21 +155,34 @@ def check_range(
     hi_open: bool = False,
 ) -> None:
     """Raise ConfigError unless args.<name> (when given, i.e. not None) lies in the range, and
-    is a finite number: NaN compares False with everything and would slip through `<` checks."""
+    is a finite number: NaN compares False with everything and would slip through `<` checks.
+    (An infinite bound is written open, "[0, inf)": inf itself is refused.)"""
     v = getattr(args, name, None)
     if v is None:
         return
     below = v <= lo if lo_open else v < lo
     above = v >= hi if hi_open else v > hi
     if not math.isfinite(v) or below or above:
-        lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
+        lb = "(" if lo_open or lo == -math.inf else "["
+        rb = ")" if hi_open or hi == math.inf else "]"
         raise ConfigError(f"--{name.replace('_', '-')} must be in {lb}{lo}, {hi}{rb}, got {v}")
+
+
+def check_finite(args: argparse.Namespace) -> None:
+    """Every float flag (and every float in a list flag) must be a finite number: a NaN or inf
+    would train or evaluate to a silent NaN result. Flags with a range are checked by
+    check_range first, which names the range."""
+    for k, v in vars(args).items():
+        values = v if isinstance(v, (list, tuple)) else [v]
+        for x in values:
+            if isinstance(x, float) and not math.isfinite(x):
+                raise ConfigError(f"--{k.replace('_', '-')} must be a finite number, got {x}")
 
 
 def check_args(args: argparse.Namespace, world_size: int) -> None:
     """Reject invalid numbers before any work starts (and before any folder or output)."""
     positive = ["epochs", "batch_size", "width", "log_every", "keep_last", "dist_timeout"]
-    positive += ["limit_train", "limit_test", "knn_bank", "crop_size"]
+    positive += ["limit_train", "limit_test", "knn_bank", "crop_size", "image_size"]
     for k in positive:
         v = getattr(args, k, None)
         if v is not None and v <= 0:
@@ -171,6 +197,8 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
     check_range(args, "ckpt_minutes", 0)
     check_range(args, "time_budget", 0, lo_open=True)
     check_range(args, "temperature", 0, lo_open=True)
+    check_range(args, "momentum", 0, 1, hi_open=True)
+    check_finite(args)  # the float flags of each script's own that have no range check
     # Any integer is a valid seed; reduce it so that every generator seeded from it (with rank,
     # step or epoch added) stays in range. Seeds below 2^63 are unchanged.
     args.seed = args.seed % SEED_MODULUS
@@ -183,21 +211,108 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
 
 
 def run_cli(main: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> None:
-    """Run main(args) and map failures to one clear line and an exit code (module doc)."""
-    code = 0
+    """Run main(args) and map failures to one clear line and an exit code (module doc). A run
+    that fails before its first checkpoint leaves no run folder behind (release_run_dir)."""
+    code = 1  # an unexpected exception: Python's traceback and exit code 1
     try:
         result = main(args)
+        code = 0
         if isinstance(result, dict) and result.get("stopped") == "preempted":
             code = EXIT_PREEMPTED
-    except (DataError, ConfigError, D.DistInitError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (DataError, ConfigError, D.DistInitError, WriteError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
         code = EXIT_CONFIG
     except FloatingPointError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         code = EXIT_NONFINITE
+    except OSError as e:  # writing the log or reading data: disk full, read-only, I/O error
+        if os_error_reason(e) is None:
+            raise
+        print(f"error: {e.filename or 'writing an output'}: {os_error_reason(e)}", file=sys.stderr)
+        code = EXIT_CONFIG
     finally:
+        release_run_dir(failed=code not in (0, EXIT_PREEMPTED))
         D.cleanup()
     sys.exit(code)
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (a library's multi-line message, folded)."""
+    return " ".join(str(e).split())
+
+
+# --------------------------------------------------------------------------- the run folder
+# The folder this process runs in: the lock's file descriptor, and the folders it created (to
+# remove them when the run fails before its first checkpoint). One run per process at a time.
+_run_dir: dict | None = None
+_preloaded: tuple[Path, dict] | None = None  # the resume checkpoint setup_run checked
+
+
+def lock_run_dir(out: Path) -> None:
+    """Create OUT (and its parents) and take its lock for the life of this process's run.
+
+    OUT/.lock is flock'ed (advisory, exclusive, released by the kernel when the process ends,
+    even by SIGKILL, so a stale lock is simply taken over) and holds the owner's pid and host.
+    A second process on the same OUT stops with ConfigError naming the holder. Temp files of a
+    save that was killed (.ckpt-*.tmp) are removed once the lock is held."""
+    global _run_dir
+    release_run_dir(failed=False)  # an earlier run in this process (tests, notebooks)
+    made, p = [], out.absolute()
+    while not p.exists():
+        made.append(p)
+        p = p.parent
+    new_lock = not (out / LOCK_FILE).exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise WriteError(
+            f"--out {out}: cannot create the run folder: {os_error_reason(e)}"
+        ) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            # A filesystem without locks (some network mounts): run, but say so.
+            print(f"warning: cannot lock {out / LOCK_FILE} ({e.strerror}): running without the "
+                  "run-folder lock", file=sys.stderr, flush=True)  # fmt: skip
+        else:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "pid unknown"
+            os.close(fd)
+            raise ConfigError(
+                f"--out {out} is in use by another run ({holder}); wait for it to end, stop "
+                "it, or use another --out"
+            ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    _run_dir = {"out": out, "fd": fd, "made": made, "new_lock": new_lock}
+    from common.checkpoint import remove_stale_temps
+
+    if n := remove_stale_temps(out):
+        print(f"removed {n} temp file(s) of an interrupted checkpoint save in {out}", flush=True)
+
+
+def release_run_dir(failed: bool) -> None:
+    """Unlock this process's run folder. When the run `failed`, remove what it made and no
+    one needs: the lock file it created, and, when no checkpoint was written, the folder
+    (and parents) it created with its log; a folder holding anything else is kept."""
+    global _run_dir, _preloaded
+    _preloaded = None
+    if _run_dir is None:
+        return
+    run, _run_dir = _run_dir, None
+    out = run["out"]
+    try:
+        if failed and run["new_lock"]:
+            (out / LOCK_FILE).unlink(missing_ok=True)
+        if failed and run["made"] and not (out / "checkpoint.pt").exists():
+            (out / "log.jsonl").unlink(missing_ok=True)
+            for d in run["made"]:  # innermost first; stops at one that holds anything
+                d.rmdir()
+    except OSError:
+        pass
+    finally:
+        os.close(run["fd"])  # releases the flock
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
@@ -260,8 +375,11 @@ class Logger:
 
     def write(self, record: dict) -> None:
         if D.is_main():
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:  # disk full, read-only: one line, exit code 2 (run_cli)
+                raise WriteError(f"cannot write {self.path}: {os_error_reason(e)}") from None
 
     def step(self, step: int, epoch: int, images_per_step: int, **metrics: float) -> None:
         """Call after step `step` (1-based count of finished steps)."""
@@ -389,7 +507,7 @@ class TrainRun:
     def _load(self, path: Path) -> None:
         from common.checkpoint import load_checkpoint
 
-        state = load_checkpoint(path)
+        state = _preloaded[1] if _preloaded and _preloaded[0] == path else load_checkpoint(path)
         if state["method"] != self.method:
             raise ConfigError(f"--resume {path}: a {state['method']} checkpoint, not {self.method}")
         now = vars(self.args)
@@ -469,9 +587,14 @@ class TrainRun:
             return False
         self._flags = None
         if not self.args.skip_nonfinite:
+            kept = (
+                f"the last good checkpoint is {self.out / 'checkpoint.pt'}"
+                if self._saved_step >= 0
+                else "before the first checkpoint, so nothing was saved (try a lower --lr)"
+            )
             raise FloatingPointError(
-                f"non-finite loss at step {self.step} (epoch {self.epoch}); stopped, the last "
-                f"good checkpoint is {self.out / 'checkpoint.pt'} (--skip-nonfinite skips such steps)"
+                f"non-finite loss at step {self.step} (epoch {self.epoch}); stopped, {kept} "
+                "(--skip-nonfinite skips such steps)"
             )
         self.skipped += 1
         self.log.write({"step": self.step, "skipped_nonfinite": self.skipped})
@@ -506,6 +629,10 @@ class TrainRun:
                 evaluate(self.epoch)
         if not self.stopped and self._saved_step != self.step:
             self.save()  # the final weights are safe before the script's final evaluation
+        if self.budgeted and not self.stopped:
+            # The scripts' final evaluation is evaluate(args.epochs): name the epochs trained
+            # (4.5), not the preset's count the budget replaced (100). The checkpoint is saved.
+            self.args.epochs = round(self.step / self.steps_per_epoch, 2)
 
     def step_done(self, loss: torch.Tensor, **metrics: float) -> None:
         """Count the finished step; log, checkpoint or stop when due. Uses the flags synced by
@@ -580,10 +707,13 @@ class TrainRun:
         )
         if self.args.keep_last > 1:  # a hard link: no second write, and atomic
             kept = self.out / f"checkpoint-{self.step:08d}.pt"
-            kept.unlink(missing_ok=True)
-            os.link(path, kept)
-            for old in sorted(self.out.glob("checkpoint-*.pt"))[: -self.args.keep_last]:
-                old.unlink()
+            try:
+                kept.unlink(missing_ok=True)
+                os.link(path, kept)
+                for old in sorted(self.out.glob("checkpoint-*.pt"))[: -self.args.keep_last]:
+                    old.unlink()
+            except OSError as e:
+                raise WriteError(f"cannot write {kept}: {os_error_reason(e)}") from None
 
     def finish(self, **results: float | str) -> dict:
         """Final checkpoint (unless stopped early, which already saved) and the result line."""
@@ -618,6 +748,8 @@ class TrainRun:
         self.log.write({"result": result})
         if D.is_main():
             print(json.dumps(result), flush=True)
+        if _run_dir is not None and _run_dir["out"] == self.out:
+            release_run_dir(failed=False)
         return result
 
 
@@ -645,14 +777,40 @@ def setup_run(args: argparse.Namespace) -> tuple[torch.device, Path]:
     loaded its data and checked its own flags, so that a run stopped by bad input (exit 2)
     leaves no empty run folder and prints nothing but its error."""
     check_args(args, int(os.environ.get("WORLD_SIZE", "1")))  # before any work
+    out = Path(args.out)
+    check_output_dir(out, "--out")  # a file, under a file, read-only: before any data is read
     device = D.init_distributed(args.device, timeout_s=getattr(args, "dist_timeout", 600))
     check_same_config(args)
+    data_module.requested_image_size = getattr(args, "image_size", None)
+    # Where the data is, whatever the folder a probe later runs from (--data may be relative).
+    args.data_path = os.path.abspath(args.data)
+    if D.get_rank() == 0:
+        lock_run_dir(out)  # OUT/.lock for the run's life; a second process stops here
+    check_resume(args, out)  # a checkpoint that cannot be resumed stops before any data
     torch.manual_seed(args.seed + D.get_rank())
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return device, Path(args.out)
+    return device, out
+
+
+def check_resume(args: argparse.Namespace, out: Path) -> None:
+    """Load the checkpoint the run would resume (weights_only) before any data is read: a
+    truncated, foreign or malicious file stops here with ConfigError naming it."""
+    global _preloaded
+    from common.checkpoint import load_checkpoint
+
+    _preloaded = None
+    path = resume_path(args, out)
+    if path is None:
+        return
+    try:
+        _preloaded = (path, load_checkpoint(path))
+    except (ValueError, FileNotFoundError) as e:
+        way = "pass another --resume" if path != out / "checkpoint.pt" else "move it away"
+        raise ConfigError(f"cannot resume: {one_line(e)}. {way.capitalize()}, or pass --fresh "
+                          "to start over") from None  # fmt: skip
 
 
 def check_same_config(args: argparse.Namespace) -> None:
