@@ -57,6 +57,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import linear_probe
+
+try:  # a script copied on its own: say what else to copy, not a traceback
+    import common  # noqa: F401
+except ModuleNotFoundError:
+    print(
+        "error: evaluate.py needs the common/ folder next to it: copy common/ with it",
+        file=sys.stderr,
+    )
+    raise SystemExit(2) from None
+
 from common import dist as D
 from common.augment import AugConfig, apply_params, sample_params, to_float
 from common.backbones import backbone_from_config

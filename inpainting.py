@@ -57,11 +57,21 @@ vs fill 1.03, k-NN 36.1 (25k bank), and a probe (10k train images, 10 epochs) of
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.utils import save_image
+
+try:  # a script copied on its own: say what else to copy, not a traceback
+    import common  # noqa: F401
+except ModuleNotFoundError:
+    print(
+        "error: inpainting.py needs the common/ folder next to it: copy common/ with it",
+        file=sys.stderr,
+    )
+    raise SystemExit(2) from None
 
 from common import dist as D
 from common.augment import AugConfig, apply_params, normalize, sample_params, to_float

@@ -32,6 +32,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+try:  # a script copied on its own: say what else to copy, not a traceback
+    import common  # noqa: F401
+except ModuleNotFoundError:
+    print(
+        "error: linear_probe.py needs the common/ folder next to it: copy common/ with it",
+        file=sys.stderr,
+    )
+    raise SystemExit(2) from None
+
 from common import dist as D
 from common.backbones import backbone_from_config
 from common.checkpoint import load_checkpoint

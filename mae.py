@@ -47,10 +47,19 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+try:  # a script copied on its own: say what else to copy, not a traceback
+    import common  # noqa: F401
+except ModuleNotFoundError:
+    print(
+        "error: mae.py needs the common/ folder next to it: copy common/ with it", file=sys.stderr
+    )
+    raise SystemExit(2) from None
 
 from common import dist as D
 from common.augment import AugConfig, BatchAugment, normalize

@@ -40,9 +40,20 @@ README has the commands.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+try:  # a script copied on its own: say what else to copy, not a traceback
+    import common  # noqa: F401
+except ModuleNotFoundError:
+    print(
+        "error: rotnet.py needs the common/ folder next to it: copy common/ with it",
+        file=sys.stderr,
+    )
+    raise SystemExit(2) from None
 
 from common import dist as D
 from common.augment import normalize, resized_crop, to_float

@@ -26,9 +26,19 @@ on 2 CPU cores, with the commands (speed-to-quality curve: bench/speed_to_qualit
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.nn as nn
+
+try:  # a script copied on its own: say what else to copy, not a traceback
+    import common  # noqa: F401
+except ModuleNotFoundError:
+    print(
+        "error: simclr.py needs the common/ folder next to it: copy common/ with it",
+        file=sys.stderr,
+    )
+    raise SystemExit(2) from None
 
 from common import dist as D
 from common.augment import AugConfig, BatchAugment

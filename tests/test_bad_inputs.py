@@ -706,11 +706,6 @@ def test_second_process_on_the_same_out_names_the_first(world, tmp_path):
     assert r.rc == 0, r.stderr[-2000:]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="row 8 of issue 19: simclr.py needs a guard around its `from common import ...` "
-    "(outside the files of this change; see the report)",
-)
 def test_script_copied_without_common_says_what_to_copy(tmp_path):
     shutil.copy(ROOT / "simclr.py", tmp_path)
     r = subprocess.run([sys.executable, "simclr.py", "--help"], cwd=tmp_path,
