@@ -203,6 +203,23 @@ def param_groups(model: nn.Module) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------ train
+def step_loss(
+    model: nn.Module, aug: BatchAugment, images: torch.Tensor, gen, temperature: float
+) -> torch.Tensor:
+    """One step's loss, with no host sync: images uint8 [n, H, W, 3] on the device -> two
+    views -> projections -> NT-Xent."""
+    cuda = images.is_cuda
+    views = torch.cat([aug(images, gen), aug(images, gen)])  # [2n, 3, S, S]
+    if cuda:
+        views = views.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(images.device.type, torch.bfloat16, enabled=cuda):
+        z = model(views)  # [2n, proj_dim]
+    # On CUDA the fused op takes the bf16 projections (tensor cores; it accumulates in fp32,
+    # and the reference upcasts); elsewhere z is fp32 already.
+    z1, z2 = (z if cuda else z.float()).chunk(2)  # [n, proj_dim] each
+    return nt_xent_loss(z1, z2, temperature)
+
+
 def main(args):
     check_simclr_args(args)
     if args.lr is None:
@@ -261,18 +278,11 @@ def main(args):
         return acc
 
     for images in run.batches(feed, evaluate):
-        # Both views from one generator seeded by (seed, rank, step): resumable, per-rank.
-        gen = step_generator(args.seed, rank, run.step)
-        views = torch.cat([aug(images, gen), aug(images, gen)])  # [2n, 3, S, S]
-        if device.type == "cuda":
-            views = views.contiguous(memory_format=torch.channels_last)
+        # Both views from one generator of the device, seeded by (seed, rank, step): resumable,
+        # per rank, and drawn on the GPU (the step's one host sync is run.nonfinite's).
+        gen = step_generator(args.seed, rank, run.step, device)
         lr = run.set_lr(opt)
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            z = ddp(views)  # [2n, proj_dim]
-        # On CUDA the fused op takes the bf16 projections (tensor cores; it accumulates in fp32,
-        # and the reference upcasts); elsewhere z is fp32 already.
-        z1, z2 = (z if device.type == "cuda" else z.float()).chunk(2)  # [n, proj_dim] each
-        loss = nt_xent_loss(z1, z2, args.temperature)
+        loss = step_loss(ddp, aug, images, gen, args.temperature)
         if run.nonfinite(loss):  # stops the run, or skips this update with --skip-nonfinite
             continue
         opt.zero_grad(set_to_none=True)

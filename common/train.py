@@ -219,11 +219,15 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+def step_generator(
+    seed: int, rank: int, step: int, device: torch.device | str | None = None
+) -> torch.Generator:
     """Augmentation randomness as a pure function of (seed, rank, step): resumes reproduce it
-    with no generator state to save, and no two ranks or steps share a stream."""
+    with no generator state to save, and no two ranks or steps share a stream. `device`: the
+    generator's device (default CPU); a CUDA generator draws the parameters on the GPU, with
+    no host work or copy per step (its seed is set on the host, no sync)."""
     mixed = (seed * 1_000_003 + rank) * 1_000_000_007 + step
-    return torch.Generator().manual_seed(mixed % SEED_MODULUS)
+    return torch.Generator(device=device or "cpu").manual_seed(mixed % SEED_MODULUS)
 
 
 class BatchFeed:
@@ -251,10 +255,12 @@ class BatchFeed:
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
         self.sampler.set_epoch(epoch)
-        order = torch.tensor(list(self.sampler))
+        order = torch.tensor(list(self.sampler))  # [len / world] this rank's shuffle (CPU)
+        if self.images.is_cuda:  # one asynchronous copy per epoch, none per step
+            order = order.pin_memory().to(self.images.device, non_blocking=True)
         for i in range(start_step, self.steps_per_epoch):
             idx = order[i * self.local_batch : (i + 1) * self.local_batch]
-            x = self.images[idx.to(self.images.device)]
+            x = self.images[idx]
             if self.pin:
                 x = x.pin_memory()
             yield x.to(self.device, non_blocking=True)
@@ -470,7 +476,7 @@ class TrainRun:
 
         self._old_handlers = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
 
-    def _sync(self, loss: torch.Tensor) -> dict:
+    def _sync(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor] | None = None) -> dict:
         """This step's one host sync: whether the loss is finite, whether a stop signal arrived,
         the clock's decisions (a timed checkpoint is due, a per-epoch one is allowed, the time
         budget is due for a re-fit) and the loss averaged over ranks, all in one all-reduce
@@ -495,11 +501,15 @@ class TrainRun:
         flags = torch.cat(
             [(~torch.isfinite(loss).all()).float()[None], host.to(loss.device, non_blocking=True)]
         )
-        flags = torch.cat([flags, loss.mean()[None]])  # [6]
+        names = list(metrics or {})  # device scalars to log, averaged over ranks like the loss
+        extra = [metrics[k].detach().float().reshape(1) for k in names]
+        flags = torch.cat([flags, loss.mean()[None], *extra])  # [6 + len(metrics)]
         if D.get_world_size() > 1:
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.SUM)
-        nonfinite, signal_, due_, periodic_ok, refit, loss_sum = flags.tolist()
+        # The sync: one device-to-host copy (what .tolist() does on a GPU tensor, made explicit)
+        nonfinite, signal_, due_, periodic_ok, refit, loss_sum, *values = flags.cpu().tolist()
         return {
+            "metrics": {k: v / D.get_world_size() for k, v in zip(names, values)},
             "nonfinite": nonfinite > 0,
             "signal": signal_ > 0,
             "ckpt_due": due_ > 0,
@@ -508,11 +518,12 @@ class TrainRun:
             "loss": loss_sum / D.get_world_size(),
         }
 
-    def nonfinite(self, loss: torch.Tensor) -> bool:
+    def nonfinite(self, loss: torch.Tensor, **metrics: torch.Tensor) -> bool:
         """Call before backward. False for a finite loss. Otherwise stops the run (exit code 3,
         the last checkpoint untouched) or, with --skip-nonfinite, counts the step as skipped
-        and returns True: the caller then `continue`s without an update."""
-        self._flags = self._sync(loss)
+        and returns True: the caller then `continue`s without an update. `metrics`: device
+        scalars to log with this step (read in the same sync, averaged over ranks)."""
+        self._flags = self._sync(loss, metrics)
         if not self._flags["nonfinite"]:
             return False
         self._flags = None
@@ -570,6 +581,7 @@ class TrainRun:
             self._settle_budget(flags["refit"])
         if self.step % self.args.log_every == 0 or self.step == self.total:
             epoch = (self.step - 1) // self.steps_per_epoch  # the epoch this step belonged to
+            metrics = {**flags["metrics"], **metrics}
             self.log.step(self.step, epoch, self.args.batch_size, loss=flags["loss"], **metrics)
         periodic = self.ckpt_every and self.step % self.ckpt_every == 0
         if periodic and self._ckpt_rate_limited:
