@@ -25,7 +25,9 @@ on 2 CPU cores, with the commands (speed-to-quality curve: bench/speed_to_qualit
 
 from __future__ import annotations
 
+import argparse
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -43,6 +45,7 @@ from common.train import (
     apply_preset,
     base_parser,
     check_range,
+    compile_model,
     place_model,
     run_cli,
     setup_run,
@@ -75,6 +78,9 @@ _TABLE = {
     "knn_bank":      (2000,     None,     None,     10000), # train images in the k-NN bank
     "crop_scale_min": (0.08,    0.08,     0.08,     0.2),   # random resized crop: area min-1
     "crop_frac":     (1.0,      1.0,      1.0,      0.75),  # crop side / image side
+    "proj_layers":   (2,        2,        3,        2),     # projection head depth (run.py: 3)
+    "zero_init_residual": (False, False,  True,     False), # last BN of each block starts at 0
+    "compile":       (False,    False,    True,     False), # torch.compile the model
 }
 # fmt: on
 PRESET_NAMES = ("tiny", "cpu", "gpu", "fast")
@@ -102,6 +108,17 @@ def get_args_parser():
         help="training crop side as a fraction of the image side, when --crop-size is not given "
         "(below 1: more steps per minute; the probe still sees whole images)",
     )
+    p.add_argument("--proj-layers", type=int, help="projection head layers (official: 3)")
+    p.add_argument(
+        "--zero-init-residual",
+        action=argparse.BooleanOptionalAction,
+        help="zero-initialise the last BN of every residual block (official ResNet)",
+    )
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        help="torch.compile the model (gpu preset; falls back to eager with one warning)",
+    )
     p.add_argument("--momentum", type=float, default=0.9, help="LARS momentum, in [0, 1)")
     p.add_argument("--lars-eta", type=float, default=1e-3, help="LARS trust coefficient")
     p.add_argument(
@@ -127,27 +144,28 @@ def check_simclr_args(args) -> None:
     check_range(args, "lars_eta", 0, lo_open=True)
     if args.proj_dim <= 0:
         raise ConfigError(f"--proj-dim must be > 0, got {args.proj_dim}")
+    if args.proj_layers < 1:
+        raise ConfigError(f"--proj-layers must be >= 1, got {args.proj_layers}")
 
 
 # ------------------------------------------------------------------------------------ model
 class ProjectionHead(nn.Sequential):
-    """g: Linear-BN-ReLU-Linear-BN, as the official code's 2-layer head (BN instead of biases)."""
+    """g: `layers` x (Linear-BN), with ReLU between, as the official code's nonlinear head
+    (model_util.projection_head: BN instead of biases; hidden layers keep the input width).
+    layers=2 (SimCLR v1): Linear-BN-ReLU-Linear-BN; layers=3 (run.py's num_proj_layers=3)."""
 
-    def __init__(self, in_dim: int, out_dim: int):
-        super().__init__(
-            nn.Linear(in_dim, in_dim, bias=False),
-            nn.BatchNorm1d(in_dim),
-            nn.ReLU(inplace=True),
-            nn.Linear(in_dim, out_dim, bias=False),
-            nn.BatchNorm1d(out_dim),
-        )
+    def __init__(self, in_dim: int, out_dim: int, layers: int = 2):
+        mods: list[nn.Module] = []
+        for _ in range(layers - 1):
+            mods += [nn.Linear(in_dim, in_dim, bias=False), nn.BatchNorm1d(in_dim), nn.ReLU(True)]
+        super().__init__(*mods, nn.Linear(in_dim, out_dim, bias=False), nn.BatchNorm1d(out_dim))
 
 
 class SimCLR(nn.Module):
-    def __init__(self, backbone: nn.Module, proj_dim: int):
+    def __init__(self, backbone: nn.Module, proj_dim: int, proj_layers: int = 2):
         super().__init__()
         self.backbone = backbone
-        self.head = ProjectionHead(backbone.feat_dim, proj_dim)
+        self.head = ProjectionHead(backbone.feat_dim, proj_dim, proj_layers)
 
     def forward(self, views: torch.Tensor) -> torch.Tensor:
         # views: [2n, 3, S, S], both views in one batch so BN normalises over all 2n images
@@ -204,7 +222,11 @@ def param_groups(model: nn.Module) -> list[dict]:
 
 # ------------------------------------------------------------------------------------ train
 def step_loss(
-    model: nn.Module, aug: BatchAugment, images: torch.Tensor, gen, temperature: float
+    model: Callable[[torch.Tensor], torch.Tensor],
+    aug: BatchAugment,
+    images: torch.Tensor,
+    gen: torch.Generator | None,
+    temperature: float,
 ) -> torch.Tensor:
     """One step's loss, with no host sync: images uint8 [n, H, W, 3] on the device -> two
     views -> projections -> NT-Xent."""
@@ -249,7 +271,10 @@ def main(args):
         train.std,
     )
 
-    model = SimCLR(build_backbone(args.backbone, args.stem, args.width), args.proj_dim)
+    backbone = build_backbone(
+        args.backbone, args.stem, args.width, zero_init_residual=args.zero_init_residual
+    )
+    model = SimCLR(backbone, args.proj_dim, args.proj_layers)
     model = place_model(model, device)
     scale = args.batch_size / 256 if args.lr_scaling == "linear" else math.sqrt(args.batch_size)
     peak_lr = args.lr * scale
@@ -267,6 +292,7 @@ def main(args):
         peak_lr=peak_lr,
     )
     ddp = D.wrap_ddp(model, device)
+    fwd = compile_model(ddp, args.compile)  # (the k-NN evaluation runs the backbone eagerly)
 
     def evaluate(epoch):
         acc = knn_top1(
@@ -282,7 +308,7 @@ def main(args):
         # per rank, and drawn on the GPU (the step's one host sync is run.nonfinite's).
         gen = step_generator(args.seed, rank, run.step, device)
         lr = run.set_lr(opt)
-        loss = step_loss(ddp, aug, images, gen, args.temperature)
+        loss = step_loss(fwd, aug, images, gen, args.temperature)
         if run.nonfinite(loss):  # stops the run, or skips this update with --skip-nonfinite
             continue
         opt.zero_grad(set_to_none=True)

@@ -26,6 +26,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -309,6 +310,38 @@ def place_model(model: nn.Module, device: torch.device) -> nn.Module:
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def compile_model(model: nn.Module, enabled: bool) -> Callable[..., object]:
+    """`torch.compile(model)` when enabled, else the model. Compilation happens at the first
+    call; if it fails there (no compiler, an unsupported op, a Triton error) this warns once
+    and runs the model eagerly from then on. Errors after a first successful call are the
+    model's own and are raised."""
+    if not enabled:
+        return model
+    try:
+        fast = torch.compile(model)
+    except Exception as e:  # (torch.compile itself refused: e.g. an unsupported Python)
+        warnings.warn(f"torch.compile unavailable ({e}); running eagerly", stacklevel=2)
+        return model
+    state = {"fn": fast, "proven": False}
+
+    def call(*args, **kwargs):
+        if state["proven"] or state["fn"] is model:
+            return state["fn"](*args, **kwargs)
+        try:
+            out = state["fn"](*args, **kwargs)
+        except Exception as e:
+            warnings.warn(
+                f"torch.compile failed ({type(e).__name__}: {str(e)[:300]}); running eagerly",
+                stacklevel=2,
+            )
+            state["fn"] = model
+            return model(*args, **kwargs)
+        state["proven"] = True
+        return out
+
+    return call
 
 
 def decay_groups(model: nn.Module) -> list[dict]:
