@@ -249,3 +249,19 @@ def test_backward_has_no_sync_on_cpu(method):
     with SyncLog() as log:
         loss.backward()
     assert log.events == [], log.events
+
+
+def test_syncbatchnorm_syncs_as_docs_gpu_md_counts():
+    """Multi-GPU runs use torch's SyncBatchNorm, whose forward drops empty ranks' statistics
+    with three boolean-mask indexings (each a nonzero, so a host sync) per layer; its CUDA
+    kernels have no fake implementation, so docs/gpu.md counts them from the source, and this
+    test notices when torch changes it. The gpu preset's model has 23 BN layers: 69 syncs."""
+    import inspect
+
+    from torch.nn.modules._functions import SyncBatchNorm
+
+    assert inspect.getsource(SyncBatchNorm.forward).count("[mask]") == 3
+    args = apply_preset(simclr.get_args_parser().parse_args(["--preset", "gpu"]), simclr.PRESETS)
+    model = simclr.SimCLR(build_backbone("resnet18", "cifar", 8), 16, args.proj_layers)
+    n_bn = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert n_bn == 23 and 3 * n_bn == 69
