@@ -41,7 +41,7 @@ EXIT_CONFIG, EXIT_NONFINITE, EXIT_PREEMPTED = 2, 3, 75
 # Config keys that may change when a run is resumed (everything else must match).
 RESUMABLE_CHANGES = set(
     "out resume fresh device preset log_every eval_every ckpt_every ckpt_minutes max_steps "
-    "keep_last data knn_bank dist_timeout skip_nonfinite limit_test".split()
+    "keep_last data knn_bank dist_timeout skip_nonfinite limit_test compile".split()
 )
 
 
