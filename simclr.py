@@ -5,10 +5,11 @@ Representations", ICML 2020 (arXiv:2002.05709); CIFAR-10 recipe from its appendi
 official repository (google-research/simclr).
 
 Method: every image in a batch of N is augmented twice (random resized crop, flip, colour
-jitter, grayscale, optional blur). An encoder f (ResNet) gives representations h, a 2-layer MLP
-head g gives projections z = g(h). The NT-Xent loss makes each view's positive (the other view
-of the same image) the most similar among the 2N - 1 others (cosine similarity / temperature,
-softmax cross-entropy), with negatives from every GPU. After training, g is thrown away and h is
+jitter, grayscale, optional blur). An encoder f (ResNet) gives representations h, an MLP head g
+(2 layers; 3 in the gpu preset, as the official run.py) gives projections z = g(h). The
+NT-Xent loss makes each view's positive (the other view of the same image) the most similar
+among the 2N - 1 others (cosine similarity / temperature, softmax cross-entropy), with
+negatives from every GPU. After training, g is thrown away and h is
 evaluated: linear probe and k-NN (linear_probe.py).
 
 Run:
@@ -56,7 +57,9 @@ from common.train import (
 # Presets fill every flag the user did not give (explicit flags win). `gpu` is the official
 # CIFAR-10 recipe (README of google-research/simclr: ResNet-18, batch 512, LARS lr 1.0 x
 # batch/256, wd 1e-4, temperature 0.5, jitter strength 0.5, no blur, 1000 epochs, 10 warm-up
-# epochs), with the official loss scale (common/losses.py: the two directions' means summed).
+# epochs), with the official loss scale (common/losses.py: the two directions' means summed),
+# run.py's 3-layer projection head and its ResNet's zero-initialised last BN per block;
+# docs/gpu.md lists where it still differs (bicubic crop resize, head init, ...).
 # `tiny` proves the pipeline in seconds (tests); `cpu` is ~10 minutes on 2 cores. `fast` is the
 # recipe chosen by measurement for short wall-clock budgets (use it with --time-budget MIN): at
 # a 3-minute CPU budget, temperature 0.2 instead of 0.5 gave +3.4 k-NN and 24 px crops (2.3x
