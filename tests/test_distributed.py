@@ -98,13 +98,16 @@ def fake_download(rank, world, root):
     import numpy as np
     import torchvision.datasets as tvd
 
-    from common.data import load_split
+    from common.data import DataError, load_split
 
     class FakeCIFAR10:
         classes = [str(i) for i in range(10)]
 
         def __init__(self, root, train=True, download=False):
             f = Path(root) / "cifar-10-batches-py" / "fake.npy"
+            if download and "offline" in str(root):
+                time.sleep(1.0)
+                raise RuntimeError("Error downloading cifar-10-python.tar.gz")
             if download:
                 Path(root).mkdir(parents=True, exist_ok=True)
                 (Path(root) / f"downloaded-by-{rank}").touch()
@@ -116,12 +119,18 @@ def fake_download(rank, world, root):
             self.data, self.targets = np.load(f), [0, 1, 2, 3]
 
     tvd.CIFAR10 = FakeCIFAR10
+    try:  # a failed download: every rank stops with a DataError, none waits for ever
+        load_split(root + "-offline", "train", download=True)
+        failed = None
+    except DataError as e:
+        failed = str(e)
     train = load_split(root, "train", download=True)
-    return train.images.shape, int(train.images[0, 0, 0, 0])
+    return train.images.shape, int(train.images[0, 0, 0, 0]), failed
 
 
 def test_local_rank_0_downloads_the_others_wait(tmp_path):
     root = tmp_path / "data"
     out = run_distributed(fake_download, 2, tmp_path, root=str(root))
-    assert out == [(torch.Size([4, 8, 8, 3]), 7)] * 2
+    assert [o[:2] for o in out] == [(torch.Size([4, 8, 8, 3]), 7)] * 2
+    assert "could not download" in out[0][2] and "does not exist" in out[1][2]
     assert sorted(p.name for p in root.glob("downloaded-by-*")) == ["downloaded-by-0"]
