@@ -33,6 +33,7 @@ import tarfile
 import tempfile
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,6 +133,8 @@ def load_split(
         download = Path(path) == Path(DEFAULT_DATA)
     if split not in SPLIT_DIRS:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if download:  # every rank calls this: one per node fetches what is missing, others wait
+        download_once(lambda: _fetch_cifar(Path(path)))
     kind = detect(path)
     if kind == "missing":
         p = Path(path)
@@ -140,20 +143,10 @@ def load_split(
                 f"--data {path}: no dataset found (expected cifar-10-batches-py/, "
                 "cifar-100-python/, stl10_binary/, or train/ and test/ class folders)"
             )
-        if not download:
-            raise DataError(f"--data {path}: does not exist or is empty")
-        # (stderr: stdout carries results; a failed download removes the folder it made)
-        print(f"no dataset in {path}: downloading CIFAR-10 there (torchvision)", file=sys.stderr)
-        kind = "cifar10"
+        raise DataError(f"--data {path}: does not exist or is empty")
     size = image_size or requested_image_size
     if kind in ("cifar10", "cifar100", "stl10"):
-        made = not Path(path).exists()
-        try:
-            data = _load_torchvision(Path(path), kind, split, download, include_unlabeled)
-        except DataError:
-            if made:
-                shutil.rmtree(path, ignore_errors=True)
-            raise
+        data = _load_torchvision(Path(path), kind, split, download, include_unlabeled)
         return _resize_set(data, size) if size and size != data.image_size else data
     root = _build_cache(
         Path(path), kind, Path(cache_dir) if cache_dir else default_cache_dir(), size
@@ -228,7 +221,7 @@ def _load_torchvision(root: Path, kind: str, split: str, download: bool, unlabel
             stats = tvd.STL10(root, split="train").data.transpose(0, 2, 3, 1)
         else:
             cls = tvd.CIFAR10 if kind == "cifar10" else tvd.CIFAR100
-            ds = cls(root, train=split == "train", download=download)
+            ds = cls(root, train=split == "train")  # (downloaded by load_split if asked)
             images, labels = ds.data, ds.targets
             stats = images if split == "train" else cls(root, train=True).data
     except (RuntimeError, OSError) as e:  # torchvision's "Dataset not found" / network errors
@@ -245,6 +238,51 @@ def _load_torchvision(root: Path, kind: str, split: str, download: bool, unlabel
         tuple(std),
         kind,
     )
+
+
+def _fetch_cifar(root: Path) -> None:
+    """CIFAR-10 into an empty or missing `root`, or a check (and repair) of a torchvision
+    CIFAR-10/100 folder there; any other content is left for load_split to report."""
+    import torchvision.datasets as tvd
+
+    kind = detect(root)
+    if kind == "missing" and root.exists() and any(root.iterdir()):
+        return
+    if kind not in ("missing", "cifar10", "cifar100"):
+        return
+    made = not root.exists()
+    if kind == "missing":  # (stderr: stdout carries results)
+        print(f"no dataset in {root}: downloading CIFAR-10 there (torchvision)", file=sys.stderr)
+    cls = tvd.CIFAR100 if kind == "cifar100" else tvd.CIFAR10
+    try:
+        cls(root, train=True, download=True)  # the archive holds both splits
+    except (RuntimeError, OSError) as e:  # network errors: leave no empty folder behind
+        if made:
+            shutil.rmtree(root, ignore_errors=True)
+        raise DataError(
+            f"--data {root}: could not download {cls.__name__} ({e}). Without network access, "
+            "pass --data pointing at a local copy (a torchvision folder, an ImageFolder or a tarball)"
+        ) from e
+
+
+def download_once(fetch: Callable[[], object]) -> None:
+    """Run fetch() (a download into the data folder) in one process per node: under torchrun,
+    LOCAL_RANK 0 fetches and every other rank waits at a barrier, so that eight processes do
+    not download and unpack into the same folder at once. A failed fetch is raised on the
+    rank that ran it after the barrier; the others then fail to find the data, so every rank
+    stops with a DataError instead of waiting for a rank that died (the barrier's timeout is
+    --dist-timeout, 600 s by default: enough for CIFAR's 170 MB on a slow link)."""
+    from common import dist as D
+
+    error: BaseException | None = None
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        try:
+            fetch()
+        except Exception as e:  # raised below, after the others were released
+            error = e
+    D.barrier()
+    if error is not None:
+        raise error
 
 
 # ------------------------------------------------------------------- ImageFolder and tarballs
