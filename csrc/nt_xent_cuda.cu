@@ -88,6 +88,18 @@ std::tuple<Tensor, Tensor> nt_xent_bwd_cuda(const Tensor& grad_loss, const Tenso
                                      temperature, need_rows, need_cols);
 }
 
+// Test hook of the first-use check (common/nt_xent_op.py): n > 0 forces n column splits in every
+// launch (clamped to the tiles), 0 restores the heuristic; returns the previous value.
+int64_t set_splits(int64_t n) {
+  const int64_t old = cuda_impl::split_override();
+  cuda_impl::split_override() = n;
+  return old;
+}
+
+TORCH_LIBRARY_FRAGMENT(ssl_ops, m) {
+  m.def("set_splits(int n) -> int", &set_splits);
+}
+
 TORCH_LIBRARY_IMPL(ssl_ops, CUDA, m) {
   m.impl("nt_xent_fwd", &nt_xent_fwd_cuda);
   m.impl("nt_xent_bwd", &nt_xent_bwd_cuda);

@@ -18,6 +18,7 @@
 // Built on demand by tests/test_nt_xent_op.py (torch.utils.cpp_extension.load), registered as
 // torch.ops.ssl_ops_emu.nt_xent_fwd / nt_xent_bwd on CPU tensors. Not part of the extension.
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -29,6 +30,8 @@
 #include <cstring>
 #include <deque>
 #include <memory>
+#include <optional>
+#include <string>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -256,6 +259,52 @@ std::tuple<at::Tensor, at::Tensor> emu_bwd(const at::Tensor& grad_loss, const at
                                               inv_r, inv_c, temperature, need_rows, need_cols);
 }
 
+// ---- device-to-host reads made by the launcher code ----
+// Every ATen op the launchers call goes through the dispatcher, and a thread-local
+// RecordFunction callback sees each of them (also those called from C++, which a Python dispatch
+// mode would not). Counted as a device-to-host read (a host sync on a GPU): reading a scalar
+// (aten::_local_scalar_dense, what .item() and bool(tensor) run; aten::item, aten::is_nonzero,
+// aten::equal), ops whose output size depends on the data (aten::nonzero, aten::unique*,
+// aten::masked_select), and copies to the host (aten::cpu, or aten::to / aten::_to_copy /
+// aten::_copy_from with a CPU device argument). In the emulator every tensor is a CPU tensor, so
+// a plain dst.copy_(src) into a host tensor cannot be told apart from a device copy; the launchers
+// use none.
+std::vector<std::string> host_reads;
+std::optional<at::CallbackHandle> host_read_cb;
+
+bool is_host_read(const at::RecordFunction& fn) {
+  const std::string name = fn.name();
+  for (const char* n : {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero",
+                        "aten::equal", "aten::nonzero", "aten::masked_select", "aten::cpu"})
+    if (name == n) return true;
+  if (name.rfind("aten::unique", 0) == 0) return true;
+  if (name == "aten::to" || name == "aten::_to_copy" || name.rfind("aten::_copy_from", 0) == 0) {
+    for (const c10::IValue& v : fn.inputs())
+      if (v.isDevice() && v.toDevice().is_cpu()) return true;
+  }
+  return false;
+}
+
+std::unique_ptr<at::ObserverContext> on_op(const at::RecordFunction& fn) {
+  if (is_host_read(fn)) host_reads.emplace_back(fn.name());
+  return nullptr;
+}
+
+// Starts recording the device-to-host reads of ops run on this thread.
+void emu_host_reads_start() {
+  host_reads.clear();
+  if (!host_read_cb)
+    host_read_cb = at::addThreadLocalCallback(
+        at::RecordFunctionCallback(&on_op).needsInputs(true).scopes({at::RecordScope::FUNCTION}));
+}
+
+// Stops recording; returns the names of the reads seen since the start.
+std::vector<std::string> emu_host_reads_stop() {
+  if (host_read_cb) at::removeCallback(*host_read_cb);
+  host_read_cb.reset();
+  return std::move(host_reads);
+}
+
 // Test hook: force the number of splits (0 = the heuristic, for 132 SMs); returns the old value.
 int64_t emu_set_splits(int64_t n) {
   const int64_t old = ssl_ops::cuda_impl::split_override();
@@ -274,6 +323,8 @@ TORCH_LIBRARY(ssl_ops_emu, m) {
       " Tensor lse, Tensor inv_r, Tensor inv_c, float temperature, bool need_rows=True,"
       " bool need_cols=True) -> (Tensor, Tensor)");
   m.def("set_splits(int n) -> int", &emu_set_splits);
+  m.def("host_reads_start() -> ()", &emu_host_reads_start);
+  m.def("host_reads_stop() -> str[]", &emu_host_reads_stop);
 }
 
 TORCH_LIBRARY_IMPL(ssl_ops_emu, CPU, m) {
