@@ -158,6 +158,106 @@ if _LOAD_ERROR is None:
 
     torch.library.register_autograd("ssl_ops::nt_xent_fwd", _backward, setup_context=_setup_context)
 
+    @torch.library.register_fake("ssl_ops::nt_xent_tiled_fwd")
+    def _tiled_fwd_fake(rows, cols, pos_idx, self_idx, temperature, chunk):
+        return _fwd_fake(rows, cols, pos_idx, self_idx, temperature)
+
+    @torch.library.register_fake("ssl_ops::nt_xent_tiled_bwd")
+    def _tiled_bwd_fake(
+        grad_loss,
+        rows,
+        cols,
+        pos_idx,
+        self_idx,
+        lse,
+        inv_r,
+        inv_c,
+        temperature,
+        chunk,
+        need_rows=True,
+        need_cols=True,
+    ):
+        return _bwd_fake(
+            grad_loss,
+            rows,
+            cols,
+            pos_idx,
+            self_idx,
+            lse,
+            inv_r,
+            inv_c,
+            temperature,
+            need_rows,
+            need_cols,
+        )
+
+    def _tiled_setup_context(ctx, inputs, output):
+        rows, cols, pos_idx, self_idx, temperature, chunk = inputs
+        _setup_context(ctx, (rows, cols, pos_idx, self_idx, temperature), output)
+        ctx.chunk = chunk
+
+    def _tiled_backward(ctx, grad_loss, _grad_lse, _grad_inv_r, _grad_inv_c):
+        rows, cols, pos_idx, self_idx, lse, inv_r, inv_c = ctx.saved_tensors
+        need_rows, need_cols = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_rows, grad_cols = torch.ops.ssl_ops.nt_xent_tiled_bwd(
+            grad_loss,
+            rows,
+            cols,
+            pos_idx,
+            self_idx,
+            lse,
+            inv_r,
+            inv_c,
+            ctx.temperature,
+            ctx.chunk,
+            need_rows,
+            need_cols,
+        )
+        return (
+            grad_rows if need_rows else None,
+            grad_cols if need_cols else None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+    torch.library.register_autograd(
+        "ssl_ops::nt_xent_tiled_fwd", _tiled_backward, setup_context=_tiled_setup_context
+    )
+
+# ---- which implementation the op runs: tiled (library GEMMs + elementwise kernels) or fused ----
+
+PATHS = ("auto", "tiled", "fused")
+CHUNK_MIB = 256  # default memory budget of the tiled path's per-chunk buffers
+
+
+def path_for(device: torch.device | str, path: str | None = None) -> str:
+    """ "tiled" or "fused" for `device`: `path`, else SSL_NT_XENT_PATH (auto | tiled | fused).
+    auto: tiled on CUDA (cuBLAS GEMMs, whose speed is known, until a GPU measurement says the
+    fused kernels are faster: bench/gpu_check.sh prints a recommendation per shape), fused on
+    the CPU (measured faster there, bench/RESULTS.md)."""
+    p = (path or os.environ.get("SSL_NT_XENT_PATH", "auto")).lower()
+    if p not in PATHS:
+        raise ValueError(f"SSL_NT_XENT_PATH must be one of {PATHS}, got {p!r}")
+    if p == "auto":
+        return "tiled" if torch.device(device).type == "cuda" else "fused"
+    return p
+
+
+def chunk_for(n_rows: int, n_cols: int, dtype: torch.dtype, budget_mib: float | None = None) -> int:
+    """Columns per chunk of the tiled path: the [R, chunk] fp32 logits and the [R, chunk] G
+    (GEMM dtype) within `budget_mib` (default SSL_NT_XENT_CHUNK_MIB, else 256 MiB), a multiple
+    of 64 (whole tensor-core tiles), at least 64 and at most the columns rounded up."""
+    if budget_mib is None:
+        budget_mib = float(os.environ.get("SSL_NT_XENT_CHUNK_MIB", CHUNK_MIB))
+    g_bytes = 2 if dtype in (torch.bfloat16, torch.float16) else 4
+    if dtype == torch.float64:
+        g_bytes = 8
+    per_col = max(n_rows, 1) * ((8 if dtype == torch.float64 else 4) + g_bytes)
+    chunk = int(budget_mib * 2**20) // per_col // 64 * 64
+    return max(64, min(chunk, (max(n_cols, 1) + 63) // 64 * 64))
+
 
 # ---- the first-use check ----
 
@@ -218,7 +318,8 @@ def _run_self_check(device: torch.device, d: int, hook: str = "") -> str | None:
         r = rows.to(device, dtype).requires_grad_()
         c = cols.to(device, dtype).requires_grad_()
         try:
-            loss = nt_xent_fused(r, c, pos.to(device), self_idx.to(device), T)
+            # the tiled path in 64-column chunks: 8 chunks, the last a 2-column tail
+            loss = nt_xent_fused(r, c, pos.to(device), self_idx.to(device), T, chunk=64)
             (loss * weight.to(device, loss.dtype)).sum().backward()
             got = (loss.detach().cpu().double(), r.grad.cpu().double(), c.grad.cpu().double())
         except RuntimeError as e:
@@ -294,6 +395,7 @@ def machine_key(device: torch.device | str) -> dict[str, str]:
     if _EXT_SHA is None:
         _EXT_SHA = _file_sha(_EXT_FILE)
     key = {"device": dev.type, "torch": torch.__version__, "ext": _EXT_SHA}
+    key["path"] = path_for(dev)  # the check runs the implementation this process will use
     if dev.type == "cuda":
         idx = dev.index if dev.index is not None else torch.cuda.current_device()
         key["name"] = torch.cuda.get_device_name(idx)
@@ -414,13 +516,17 @@ def nt_xent_fused(
     self_idx: torch.Tensor,
     temperature: float,
     validate: bool | None = None,
+    path: str | None = None,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """Per-row NT-Xent [R] (fp32, fp64 for fp64 inputs) with the fused op; differentiable
     w.r.t. rows [R, d] and cols [C, d]. Same contract as common.losses.nt_xent_reference.
 
     The op itself never reads anything back to the host (CUDA-graph capturable). Out-of-range
     indices are memory-safe (an out-of-range pos_i gives loss_i = inf); validate=True (default:
-    SSL_NT_XENT_VALIDATE=1) checks them first, at the cost of one host sync."""
+    SSL_NT_XENT_VALIDATE=1) checks them first, at the cost of one host sync. path: "tiled" or
+    "fused" (default: path_for(device), SSL_NT_XENT_PATH); chunk: columns per chunk of the
+    tiled path (default: chunk_for, SSL_NT_XENT_CHUNK_MIB)."""
     if _LOAD_ERROR is not None:
         raise RuntimeError(f"the fused NT-Xent op is not built: {_LOAD_ERROR}")
     if cols.dtype != rows.dtype:  # mixed inputs: compute in the wider dtype, as the reference
@@ -432,5 +538,12 @@ def nt_xent_fused(
         validate = os.environ.get("SSL_NT_XENT_VALIDATE", "0") == "1"
     if validate and not torch.compiler.is_compiling():
         check_indices(pos_idx, self_idx, cols.shape[0])
+    if path_for(rows.device, path) == "tiled":
+        if chunk is None:
+            chunk = chunk_for(rows.shape[0], cols.shape[0], rows.dtype)
+        loss, _, _, _ = torch.ops.ssl_ops.nt_xent_tiled_fwd(
+            rows, cols, pos_idx, self_idx, float(temperature), int(chunk)
+        )
+        return loss
     loss, _, _, _ = torch.ops.ssl_ops.nt_xent_fwd(rows, cols, pos_idx, self_idx, float(temperature))
     return loss

@@ -7,7 +7,8 @@
 // layouts - on a machine without a GPU.
 //
 // Before including this file, the includer defines NTX_LAUNCH(kernel_ptr, grid_x, grid_y, args...),
-// NTX_SM_COUNT() (streaming multiprocessors of the current device, for the split heuristic) and,
+// NTX_SM_COUNT() (streaming multiprocessors of the current device, for the split heuristic),
+// NTX_RESIDENT_BLOCKS(kernel_ptr) (blocks of kThreads threads of that kernel resident per SM) and,
 // in the emulator, the CUDA built-ins the kernels use.
 #pragma once
 
@@ -25,6 +26,7 @@
 
 #include "nt_xent.h"
 #include "nt_xent_tile.h"
+#include "nt_xent_tiled.h"
 
 namespace ssl_ops {
 namespace cuda_impl {
@@ -57,9 +59,10 @@ constexpr int bwd_min_blocks() {
 }
 // Column split (flash-decoding): the forward and both backward passes split the streamed
 // dimension over gridDim.y so that the grid fills the GPU when the own dimension is short
-// (R = 2n local rows << C gathered columns on one of 8 ranks). Aim for this many resident-block
-// waves' worth of blocks: 4 blocks per SM (3 resident at a time, so the tail wave is partial).
-constexpr int kBlocksPerSm = 4;
+// (R = 2n local rows << C gathered columns on one of 8 ranks). Aim for one full wave: SMs x the
+// kernel's real resident blocks per SM (NTX_RESIDENT_BLOCKS: the CUDA occupancy calculator for
+// the compiled kernel, i.e. its registers and shared memory; the emulator uses kMinBlocks). The
+// former constant 4 per SM, with 3 resident, gave 1.33 waves: the second one a third full.
 // gridDim.y limit.
 constexpr int64_t kMaxSplits = 65535;
 // Backward partial accumulators are [splits, n_own, d] fp32: keep them under this many bytes.
@@ -146,6 +149,12 @@ struct Smem {
 // ---- asynchronous global -> shared copies (sm_80+ cp.async), 16 bytes each ----
 // The emulator (NTX_EMULATOR) provides its own versions, which really defer the copy to the
 // wait: a read of a staged buffer before its cp.async group was waited for sees stale data there.
+// The block's shared memory: a static __shared__ array on the GPU; the emulator hands out one
+// buffer per launch (so that its race checker knows the addresses of shared memory).
+#ifndef NTX_SMEM
+#define NTX_SMEM(name, bytes) __shared__ __align__(128) unsigned char name[bytes]
+#endif
+
 #ifndef NTX_EMULATOR
 // dst <- 16 bytes at src, or 16 zero bytes when !valid (src-size 0: nothing is read from src).
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
@@ -311,7 +320,8 @@ __device__ void tile_dot(const scalar_t* __restrict__ own, int64_t own0, int64_t
         __syncthreads();
         mma_chunk(As, Bs);
       }
-      if (d == 0) __syncthreads();  // no k-chunk ran: wait for the readers of the previous S
+      // (d == 0 never gets here: vec_ok() is true for d == 0, so the branch above, whose first
+      // barrier separates the previous readers of S from the store below, handles it)
     }
 #pragma unroll
     for (int n = 0; n < C::BC / 16; ++n)
@@ -603,7 +613,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   using acc_t = typename Cf::acc_t;
   constexpr int RPW = Cf::BR / kWarps;  // rows per warp
   constexpr int CPL = Cf::BC / 32;      // columns per lane
-  __shared__ __align__(128) unsigned char smem[SM::kBytes];
+  NTX_SMEM(smem, SM::kBytes);
   const acc_t* S = reinterpret_cast<const acc_t*>(smem + SM::oS);
   acc_t* pl_s = reinterpret_cast<acc_t*>(smem + SM::oRow);  // positive logit per row
   acc_t* ir_s = pl_s + Cf::BR;                              // inv_r[i] per row
@@ -794,7 +804,7 @@ __global__ void __launch_bounds__(kThreads, bwd_min_blocks<ND>())
   using Cf = Cfg<scalar_t>;
   using SM = Smem<scalar_t>;
   using acc_t = typename Cf::acc_t;
-  __shared__ __align__(128) unsigned char smem[SM::kBytes];
+  NTX_SMEM(smem, SM::kBytes);
   const scalar_t* own = kColSide ? cols : rows;
   const scalar_t* str = kColSide ? rows : cols;
   const int64_t n_own = kColSide ? C : R, n_str = kColSide ? R : C;
@@ -906,6 +916,123 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// ---- elementwise kernels of the tiled path (nt_xent_tiled.h: the GEMMs go to cuBLAS) ----
+// One warp per row of the [R, nc] chunk of raw dot products S (fp32), lanes over its columns
+// (coalesced); no shared memory, no barriers. Memory-bound: 4 bytes read per logit (forward),
+// 4 read + 2 written (backward, bf16 G).
+
+// Updates row i's running (max m, sum l) with the chunk's logits and picks its positive logit.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    tiled_fwd_chunk_kernel(const acc_t* __restrict__ S, int64_t R, int64_t nc, int64_t j0,
+                           const acc_t* __restrict__ inv_r, const acc_t* __restrict__ inv_c,
+                           acc_t inv_t, const int64_t* __restrict__ self,
+                           const int64_t* __restrict__ pos, acc_t* __restrict__ m,
+                           acc_t* __restrict__ l, acc_t* __restrict__ pl) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (i >= R) return;  // warp-uniform
+  const acc_t ri = inv_r[i] * inv_t;
+  const int64_t si = self[i] - j0, pi = pos[i] - j0;  // compared, never used as addresses
+  const acc_t* s = S + i * nc;
+  ntx::LseState<acc_t> st{ntx::neg_inf<acc_t>(), acc_t(0)};
+  for (int64_t b = lane; b < nc; b += 32) {
+    const acc_t x = b == si ? ntx::neg_inf<acc_t>() : s[b] * (ri * inv_c[j0 + b]);
+    if (b == pi) pl[i] = x;  // one lane of one chunk; pos == self gives -inf, an inf loss
+    if (x > st.m) {  // new running max: rescale (exp(-inf) = 0 at the start)
+      st.l = st.l * ntx::fast_exp(st.m - x) + acc_t(1);
+      st.m = x;
+    } else if (x != ntx::neg_inf<acc_t>()) {
+      st.l += ntx::fast_exp(x - st.m);
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const ntx::LseState<acc_t> other{__shfl_xor_sync(0xffffffffu, st.m, o),
+                                     __shfl_xor_sync(0xffffffffu, st.l, o)};
+    st = ntx::lse_merge(st, other);
+  }
+  if (lane == 0) {
+    const ntx::LseState<acc_t> t = ntx::lse_merge(ntx::LseState<acc_t>{m[i], l[i]}, st);
+    m[i] = t.m;
+    l[i] = t.l;
+  }
+}
+
+// G[i][b] = (softmax - onehot(pos))[i][j0 + b] * gscale in the GEMM dtype (in place of nothing:
+// S stays fp32, G is the bf16/fp16 operand of the two gradient GEMMs).
+template <typename acc_t, typename g_t>
+__global__ void __launch_bounds__(kThreads)
+    tiled_bwd_chunk_kernel(const acc_t* __restrict__ S, int64_t R, int64_t nc, int64_t j0,
+                           const acc_t* __restrict__ inv_r, const acc_t* __restrict__ inv_c,
+                           acc_t inv_t, const int64_t* __restrict__ self,
+                           const int64_t* __restrict__ pos, const acc_t* __restrict__ lse,
+                           acc_t gscale, g_t* __restrict__ G) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (i >= R) return;
+  const acc_t ri = inv_r[i] * inv_t, li = lse[i];
+  const int64_t si = self[i] - j0, pi = pos[i] - j0;
+  const acc_t* s = S + i * nc;
+  g_t* gi = G + i * nc;
+  for (int64_t b = lane; b < nc; b += 32) {
+    const acc_t x = s[b] * (ri * inv_c[j0 + b]);
+    gi[b] = static_cast<g_t>(ntx::softmax_minus_onehot(x, li, b == si, b == pi) * gscale);
+  }
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b);
+
+// The CUDA elementwise kernels for tiled::fwd / tiled::bwd.
+struct TiledEW {
+  // bf16/fp16 stay in their dtype: cuBLAS multiplies them with fp32 accumulation.
+  Tensor gemm_input(const Tensor& x) const { return x.contiguous(); }
+  // No range check: it would read back to the host (see the note above nt_xent_fwd_impl); the
+  // kernels only compare indices with column numbers.
+  void check_indices(const Tensor&, const Tensor&, int64_t) const {}
+  void fwd_chunk(const Tensor& S, int64_t j0, const Tensor& inv_r, const Tensor& inv_c,
+                 double inv_t, const Tensor& self, const Tensor& pos, Tensor& m, Tensor& l,
+                 Tensor& pl) const {
+    const int64_t R = S.size(0), nc = S.size(1);
+    AT_DISPATCH_FLOATING_TYPES(S.scalar_type(), "nt_xent_tiled_fwd_chunk", [&] {
+      NTX_LAUNCH((&tiled_fwd_chunk_kernel<scalar_t>), ceil_div(R, kWarps), 1,
+          S.data_ptr<scalar_t>(), R, nc, j0, inv_r.data_ptr<scalar_t>(),
+          inv_c.data_ptr<scalar_t>(), static_cast<scalar_t>(inv_t), self.data_ptr<int64_t>(),
+          pos.data_ptr<int64_t>(), m.data_ptr<scalar_t>(), l.data_ptr<scalar_t>(),
+          pl.data_ptr<scalar_t>());
+    });
+  }
+  void bwd_chunk(const Tensor& S, Tensor& G, int64_t j0, const Tensor& inv_r,
+                 const Tensor& inv_c, double inv_t, const Tensor& self, const Tensor& pos,
+                 const Tensor& lse, double gscale) const {
+    const int64_t R = S.size(0), nc = S.size(1);
+    AT_DISPATCH_FLOATING_TYPES(S.scalar_type(), "nt_xent_tiled_bwd_chunk", [&] {
+      using acc_t = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, G.scalar_type(),
+                                      "nt_xent_tiled_bwd_chunk_g", [&] {
+        NTX_LAUNCH((&tiled_bwd_chunk_kernel<acc_t, scalar_t>), ceil_div(R, kWarps), 1,
+            S.data_ptr<acc_t>(), R, nc, j0, inv_r.data_ptr<acc_t>(), inv_c.data_ptr<acc_t>(),
+            static_cast<acc_t>(inv_t), self.data_ptr<int64_t>(), pos.data_ptr<int64_t>(),
+            lse.data_ptr<acc_t>(), static_cast<acc_t>(gscale), G.data_ptr<scalar_t>());
+      });
+    });
+  }
+};
+
+inline std::tuple<Tensor, Tensor, Tensor, Tensor> nt_xent_tiled_fwd_impl(
+    const Tensor& rows, const Tensor& cols, const Tensor& pos_idx, const Tensor& self_idx,
+    double temperature, int64_t chunk) {
+  return tiled::fwd(TiledEW{}, rows, cols, pos_idx, self_idx, temperature, chunk);
+}
+
+inline std::tuple<Tensor, Tensor> nt_xent_tiled_bwd_impl(
+    const Tensor& grad_loss, const Tensor& rows, const Tensor& cols, const Tensor& pos_idx,
+    const Tensor& self_idx, const Tensor& lse, const Tensor& inv_r, const Tensor& inv_c,
+    double temperature, int64_t chunk, bool need_rows, bool need_cols) {
+  return tiled::bwd(TiledEW{}, grad_loss, rows, cols, pos_idx, self_idx, lse, inv_r, inv_c,
+                    temperature, chunk, need_rows, need_cols);
+}
+
 inline int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
@@ -915,7 +1042,9 @@ inline bool vec_ok(const Tensor& a, const Tensor& b) {
   constexpr int V = 16 / sizeof(scalar_t);
   const auto pa = reinterpret_cast<uintptr_t>(a.data_ptr());
   const auto pb = reinterpret_cast<uintptr_t>(b.data_ptr());
-  return a.size(1) % V == 0 && pa % 16 == 0 && pb % 16 == 0;
+  // d == 0: nothing is loaded, and the vector branch of tile_dot is the one whose barriers
+  // cover that case (its scalar WMMA branch has no barrier for an empty k-loop)
+  return a.size(1) == 0 || (a.size(1) % V == 0 && pa % 16 == 0 && pb % 16 == 0);
 }
 
 // Test hook: > 0 forces this many splits (clamped to the number of streamed tiles) in every
@@ -925,15 +1054,16 @@ inline int64_t& split_override() {
   return v;
 }
 
-// Split of the streamed dimension: (splits, tiles per split). Enough blocks for kBlocksPerSm per
-// SM, no split without a tile (splits = ceil(tiles / tps)), under gridDim.y's limit and, for the
+// Split of the streamed dimension: (splits, tiles per split). Enough blocks for one wave of
+// `resident` blocks per SM, no split without a tile (splits = ceil(tiles / tps)), under gridDim.y's limit and, for the
 // backward, with the [splits, own_pad, dpad] fp32 partials under kMaxPartialBytes.
 inline std::pair<int64_t, int64_t> choose_split(int64_t own_blocks, int64_t str_tiles,
-                                                int64_t partial_bytes_per_split) {
+                                                int64_t partial_bytes_per_split,
+                                                int64_t resident) {
   if (str_tiles <= 0) return {1, 1};
   int64_t want = split_override();
   if (want <= 0) {
-    const int64_t target = int64_t(NTX_SM_COUNT()) * kBlocksPerSm;
+    const int64_t target = int64_t(NTX_SM_COUNT()) * std::max<int64_t>(resident, 1);
     want = ceil_div(target, own_blocks > 0 ? own_blocks : 1);
   }
   if (partial_bytes_per_split > 0)
@@ -978,7 +1108,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> nt_xent_fwd_impl(const Tensor& rows, 
     NTX_LAUNCH((&inv_norm_kernel<scalar_t, acc_t>), ceil_div(R, kWarps), 1,
         r.data_ptr<scalar_t>(), R, d, inv_r.data_ptr<acc_t>());
     const int64_t row_blocks = ceil_div(R, Cf::BR);
-    const auto [splits, tps] = choose_split(row_blocks, ceil_div(C, Cf::BC), 0);
+    const auto [splits, tps] = choose_split(row_blocks, ceil_div(C, Cf::BC), 0,
+                                            NTX_RESIDENT_BLOCKS(&fwd_kernel<scalar_t>));
     Tensor part = at::empty({3, splits, R}, opts);  // m, l, positive logit per split and row
     acc_t* pm = part.data_ptr<acc_t>();
     NTX_LAUNCH((&fwd_kernel<scalar_t>), row_blocks, splits,
@@ -1005,9 +1136,13 @@ void bwd_pass(const Tensor& r, const Tensor& c, const Tensor& pos, const Tensor&
   const int64_t n_own = kColSide ? C : R, n_str = kColSide ? R : C;
   const int64_t dchunks = ceil_div(d, Cf::DN), dpad = dchunks * Cf::DN;
   const int64_t own_blocks = ceil_div(n_own, Cf::BR), own_pad = own_blocks * Cf::BR;
-  const auto [splits, tps] = choose_split(own_blocks, ceil_div(n_str, Cf::BC),
-                                          own_pad * dpad * int64_t(sizeof(acc_t)));
   const int nd = dchunks <= 2 ? 2 : (dchunks <= 4 ? 4 : 0);
+  const int64_t resident =
+      nd == 2 ? NTX_RESIDENT_BLOCKS((&bwd_kernel<scalar_t, kColSide, 2>))
+              : (nd == 4 ? NTX_RESIDENT_BLOCKS((&bwd_kernel<scalar_t, kColSide, 4>))
+                         : NTX_RESIDENT_BLOCKS((&bwd_kernel<scalar_t, kColSide, 0>)));
+  const auto [splits, tps] = choose_split(own_blocks, ceil_div(n_str, Cf::BC),
+                                          own_pad * dpad * int64_t(sizeof(acc_t)), resident);
   // Per-(split, block) partial accumulators, padded to whole tiles: O(splits (R + C) d), never
   // R x C. Only the global-memory accumulator (nd = 0) reads them before writing: zero it.
   const auto aopts = r.options().dtype(acc_type_of(r.scalar_type()));

@@ -64,13 +64,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
-def run_both(rows, cols, pos, self_idx, weight, T, dtype, device):
-    """(loss, grad_rows, grad_cols) of the op in `dtype` on `device`, and of the fp64 reference
-    on the same rounded inputs."""
+def run_both(rows, cols, pos, self_idx, weight, T, dtype, device, **kw):
+    """(loss, grad_rows, grad_cols) of the op in `dtype` on `device` (kw: path, chunk), and of
+    the fp64 reference on the same rounded inputs."""
     r = rows.to(device, dtype).requires_grad_()
     c = cols.to(device, dtype).requires_grad_()
     p, s = pos.to(device), self_idx.to(device)
-    loss = op.nt_xent_fused(r, c, p, s, T)
+    loss = op.nt_xent_fused(r, c, p, s, T, **kw)
     assert loss.shape == (rows.shape[0],)
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     (loss * weight.to(device, loss.dtype)).sum().backward()
@@ -82,8 +82,10 @@ def run_both(rows, cols, pos, self_idx, weight, T, dtype, device):
     return (loss.detach().cpu(), r.grad.cpu(), c.grad.cpu()), (ref.detach(), r64.grad, c64.grad)
 
 
-def check(rows, cols, pos, self_idx, weight, T, dtype, device):
-    (loss, gr, gc), (ref, rr, rc) = run_both(rows, cols, pos, self_idx, weight, T, dtype, device)
+def check(rows, cols, pos, self_idx, weight, T, dtype, device, **kw):
+    (loss, gr, gc), (ref, rr, rc) = run_both(
+        rows, cols, pos, self_idx, weight, T, dtype, device, **kw
+    )
     loss_tol, grad_tol = TOL[dtype]
     assert torch.isfinite(loss).all()
     assert (loss.double() - ref).abs().max().item() <= loss_tol * max(1.0, ref.abs().max().item())
@@ -110,6 +112,79 @@ CASE_IDS = [f"R{c[0]}-C{c[1]}-d{c[2]}-T{c[3]}-s{c[4]:g}" for c in CASES]
 def test_matches_reference_cpu(R, C, d, T, scale, dtype):
     rows, cols, pos, self_idx, weight = make_case(R, C, d, scale, seed=R + C + d)
     check(rows, cols, pos, self_idx, weight, T, dtype, "cpu")
+
+
+# ---- the tiled path (library GEMMs + elementwise kernels, csrc/nt_xent_tiled.h) ----
+
+# R != C, chunk tails (C not a multiple of the chunk), one chunk larger than C, d = 1 and d not
+# a multiple of 8, a zero-norm row, large and small norms.
+TILED_CASES = [
+    (5, 7, 3, 64, 1.0),
+    (37, 129, 13, 64, 1.0),
+    (130, 515, 37, 128, 1e3),
+    (200, 150, 20, 1024, 1e-3),
+    (64, 200, 128, 64, 30.0),
+]
+TILED_IDS = [f"R{c[0]}-C{c[1]}-d{c[2]}-chunk{c[3]}-s{c[4]:g}" for c in TILED_CASES]
+_ALL_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+_DT_IDS = ["fp64", "fp32", "bf16", "fp16"]
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", _ALL_DTYPES, ids=_DT_IDS)
+@pytest.mark.parametrize("R,C,d,chunk,scale", TILED_CASES, ids=TILED_IDS)
+def test_tiled_matches_reference_cpu(R, C, d, chunk, scale, dtype):
+    if dtype == torch.float16 and scale >= 1e3:
+        scale = 30.0  # fp16 cannot hold the inputs themselves beyond 65504
+    rows, cols, pos, self_idx, weight = make_case(R, C, d, scale, seed=R + C + d)
+    if R > 3 and dtype != torch.float16:
+        rows[3] = 0.0  # normalised by the clamped eps (its gradient, ~1e12, overflows fp16)
+    check(rows, cols, pos, self_idx, weight, 0.1, dtype, "cpu", path="tiled", chunk=chunk)
+
+
+@needs_ext
+def test_tiled_chunk_size_does_not_change_the_result_cpu():
+    """1, 3 and 17 chunks agree to fp32 rounding; the same chunk twice is bit-identical."""
+    rows, cols, pos, self_idx, weight = make_case(50, 1030, 24, 1.0, seed=50)
+    outs = [
+        run_both(
+            rows, cols, pos, self_idx, weight, 0.1, torch.float32, "cpu", path="tiled", chunk=k
+        )[0]
+        for k in (2048, 384, 64, 64)
+    ]
+    for a, b in zip(outs[2], outs[3]):
+        assert torch.equal(a, b)
+    for o in outs[:2]:
+        for a, b in zip(o, outs[2]):
+            assert rel_err(a, b) <= 1e-5
+
+
+@needs_ext
+def test_tiled_opcheck_cpu():
+    for dtype in (torch.float32, torch.float64):
+        r, c, p, s, w = _opcheck_inputs("cpu", dtype, True)
+        torch.library.opcheck(torch.ops.ssl_ops.nt_xent_tiled_fwd.default, (r, c, p, s, 0.25, 8))
+        with torch.no_grad():
+            _, lse, inv_r, inv_c = torch.ops.ssl_ops.nt_xent_tiled_fwd(r, c, p, s, 0.25, 8)
+        torch.library.opcheck(
+            torch.ops.ssl_ops.nt_xent_tiled_bwd.default,
+            (w.to(lse.dtype), r.detach(), c.detach(), p, s, lse, inv_r, inv_c, 0.25, 8),
+        )
+
+
+def test_path_and_chunk_settings(monkeypatch):
+    assert op.path_for("cuda") == "tiled" and op.path_for("cpu") == "fused"
+    monkeypatch.setenv("SSL_NT_XENT_PATH", "fused")
+    assert op.path_for("cuda") == "fused" and op.path_for("cuda", "tiled") == "tiled"
+    monkeypatch.setenv("SSL_NT_XENT_PATH", "fast")
+    with pytest.raises(ValueError, match="SSL_NT_XENT_PATH"):
+        op.path_for("cpu")
+    # 65,536 bf16 rows: 4 + 2 bytes per logit, 256 MiB -> 682 columns, rounded down to 640
+    assert op.chunk_for(65536, 65536, torch.bfloat16, 256) == 640
+    assert op.chunk_for(100, 70, torch.float32, 256) == 128  # never more than C rounded up
+    assert op.chunk_for(10**7, 10**7, torch.float32, 1) == 64  # at least one tile
+    monkeypatch.setenv("SSL_NT_XENT_CHUNK_MIB", "1")
+    assert op.chunk_for(4096, 8192, torch.float32) == 64
 
 
 @needs_ext
@@ -446,7 +521,9 @@ def test_first_use_check_failure_keeps_the_parent_healthy(monkeypatch, tmp_path,
 
 def _wrong_grad(real):
     # same loss values, gradient w.r.t. rows off by 1e-2 per element
-    return lambda r, c, p, s, T: real(r, c, p, s, T) + 1e-2 * (r.sum(1) - r.sum(1).detach())
+    return lambda r, c, p, s, T, **k: (
+        real(r, c, p, s, T, **k) + 1e-2 * (r.sum(1) - r.sum(1).detach())
+    )
 
 
 @needs_ext
@@ -455,9 +532,9 @@ def test_check_compares_both_gradients_and_every_dtype(monkeypatch):
     orig = op.nt_xent_fused
     seen = []
 
-    def spy(r, *a):
+    def spy(r, *a, **k):
         seen.append(r.dtype)
-        return orig(r, *a)
+        return orig(r, *a, **k)
 
     monkeypatch.setattr(op, "nt_xent_fused", spy)
     assert op._run_self_check(torch.device("cpu"), 37) is None
@@ -536,27 +613,46 @@ def test_memory_is_O_Bd_at_16k_cpu():
 # tiling, shared-memory layout, barriers and tensor-core operand layouts without a GPU.
 
 
-@pytest.fixture(scope="module")
-def emu_ops():
+def _load_emu(name: str, flags: list[str]) -> None:
     from torch.utils.cpp_extension import is_ninja_available, load
 
     if not is_ninja_available():
         pytest.skip(
             "the GPU-kernel emulator is built with torch.utils.cpp_extension.load: no ninja"
         )
-
-    build = ROOT / "build" / "emu"
+    build = ROOT / "build" / name
     build.mkdir(parents=True, exist_ok=True)
     load(
-        name="ntx_emu",
+        name=name,
         sources=[str(ROOT / "csrc" / "emu" / "nt_xent_emu.cpp")],
         extra_include_paths=[str(ROOT / "csrc")],
-        extra_cflags=["-O2", "-std=c++20", "-fno-strict-aliasing"],
+        extra_cflags=["-O2", "-std=c++20", "-fno-strict-aliasing", *flags],
         build_directory=str(build),
         is_python_module=False,
         verbose=False,
     )
+
+
+@pytest.fixture(scope="module")
+def emu_ops():
+    _load_emu("ntx_emu", [])
     return torch.ops.ssl_ops_emu
+
+
+# The race-checking build: GCC's ThreadSanitizer instrumentation with the emulator's own hooks
+# (no TSan runtime), see csrc/emu/nt_xent_emu.cpp.
+RACE_FLAGS = ["-DNTX_EMU_RACE=1", "-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0"]
+
+
+@pytest.fixture(scope="module")
+def emu_race():
+    _load_emu("ntx_emu_race", RACE_FLAGS)
+    e = torch.ops.ssl_ops_emu_race
+    old = e.set_splits(1)  # every block streams all tiles: buffer reuse across tiles
+    yield e
+    e.set_splits(old)
+    e.set_disabled_barrier(0)
+    e.race_mode(0)
 
 
 # small (one tile, padding everywhere), odd (crossing the 64-row / 64-column tiles, d = 37: the
@@ -727,6 +823,26 @@ def test_emulated_launchers_make_no_host_read(emu_ops):
     assert "aten::_local_scalar_dense" in reads and reads.count("aten::to") >= 1, reads
 
 
+@pytest.mark.parametrize("dtype", [_BF, _HF, _F32], ids=["bf16", "fp16", "fp32"])
+def test_emulated_tiled_path(emu_ops, dtype):
+    """The tiled path's CUDA code (host loop + elementwise kernels, GEMMs by at::mm) on the
+    emulator: R != C, a chunk tail, against the fp64 reference; and no device-to-host read."""
+    R, C, d, T = 70, 200, 40, 0.1
+    rows, cols, pos, self_idx, weight = make_case(R, C, d, 2.0, seed=60)
+    r, c = rows.to(dtype), cols.to(dtype)
+    emu_ops.host_reads_start()
+    loss, lse, ir, ic = emu_ops.nt_xent_tiled_fwd(r, c, pos, self_idx, T, 64)
+    gr, gc = emu_ops.nt_xent_tiled_bwd(weight.float(), r, c, pos, self_idx, lse, ir, ic, T, 64)
+    assert emu_ops.host_reads_stop() == []
+    assert gr.dtype == gc.dtype == dtype
+    r64, c64 = r.double().requires_grad_(), c.double().requires_grad_()
+    ref = nt_xent_reference(r64, c64, pos, self_idx, T)
+    (ref * weight).sum().backward()
+    loss_tol, grad_tol = TOL[dtype]
+    assert (loss.double() - ref.detach()).abs().max() <= loss_tol * max(1.0, ref.abs().max())
+    assert rel_err(gr, r64.grad) <= grad_tol and rel_err(gc, c64.grad) <= grad_tol
+
+
 def test_emulated_fp16_small_softmax_weights_do_not_flush(emu_ops):
     """fp16 G tiles of the column pass: G^T = softmax^T * w_r, w_r = g inv_r / max(g inv_r).
     One row with a 1e-5 norm makes w_r ~ 1e-5 for all the others; with C = 1,024 near-uniform
@@ -752,6 +868,115 @@ def test_emulated_fp16_small_softmax_weights_do_not_flush(emu_ops):
     negatives_only[pos] = False
     err = rel_err(grad_c[negatives_only], c64.grad[negatives_only])
     assert err <= tol, f"grad of negative-only columns: rel err {err:.2e}"
+
+
+# ---- the race checker and the barrier mutants ----
+
+KERNELS = ROOT / "csrc" / "nt_xent_kernels.cuh"
+
+
+def barrier_lines() -> dict[int, str]:
+    """Header line -> text of every __syncthreads() in the kernels (the emulator knows each
+    barrier by its line)."""
+    import re
+
+    out = {}
+    for i, line in enumerate(KERNELS.read_text().splitlines(), 1):
+        if re.match(r"\s*(if \(.*\) )?__syncthreads\(\);", line):
+            out[i] = line.strip()
+    return out
+
+
+# (R, C, d, dtype): 70 rows = 2 row tiles, 140 columns = 3 column tiles (tails in both), one split:
+# every block of the forward and of both backward passes streams several tiles. bf16 d = 128
+# (4 k-chunks: the staging double buffer is refilled), d = 256 (4 d-chunks of the gradient
+# product: B2 refilled), d = 37 (scalar loads), d = 320 (global accumulator), fp32 (SIMT) with the
+# register and the global accumulator, and d = 0 (the barriers for an empty k-loop).
+RACE_CASES = [
+    (70, 140, 128, _BF),
+    (70, 140, 37, _BF),
+    (70, 140, 256, _BF),
+    (70, 140, 40, _F32),
+    (40, 140, 160, _F32),
+    (70, 140, 0, _BF),
+    (70, 140, 0, _F32),
+    (40, 140, 320, _BF),
+]
+
+
+def _race_run(e, R, C, d, dtype, mode, check=True) -> list[str]:
+    """Forward + backward with race checking on (mode 1: cp.async data lands at the issue, 2: at
+    the wait); returns the race reports (first entry: the count). check: the results must also
+    equal the fp64 reference."""
+    rows, cols, pos, self_idx, weight = make_case(R, C, max(d, 1), 2.0, seed=R + C + d)
+    r, c = rows[:, :d].to(dtype).contiguous(), cols[:, :d].to(dtype).contiguous()
+    e.race_mode(mode)
+    try:
+        loss, lse, ir, ic = e.nt_xent_fwd(r, c, pos, self_idx, 0.1)
+        gr, gc = e.nt_xent_bwd(weight.float(), r, c, pos, self_idx, lse, ir, ic, 0.1)
+    finally:
+        e.race_mode(0)
+    reports = e.races()
+    if check and reports[0] == "0":
+        r64, c64 = r.double().requires_grad_(), c.double().requires_grad_()
+        ref = nt_xent_reference(r64, c64, pos, self_idx, 0.1)
+        (ref * weight).sum().backward()
+        assert (loss.double() - ref.detach()).abs().max() <= 1e-4 * max(1.0, ref.abs().max())
+        if d > 0:
+            assert rel_err(gr, r64.grad) <= TOL[dtype][1] and rel_err(gc, c64.grad) <= TOL[dtype][1]
+    return reports
+
+
+@pytest.mark.parametrize("mode", [1, 2], ids=["lands-at-issue", "lands-at-wait"])
+def test_emulated_kernels_have_no_shared_memory_race(emu_race, mode):
+    """bf16 d = 128, the training configuration: no two threads touch a shared byte in one
+    barrier interval (one of them writing), with the cp.async data landing early or late."""
+    assert _race_run(emu_race, 70, 140, 128, _BF, mode) == ["0"]
+
+
+def test_race_checker_reports_a_missing_refill_barrier(emu_race):
+    """The write-after-read barrier of the staging double buffer ("may be refilled"), removed:
+    the checker reports the race (the review found all emulator tests passing without it)."""
+    lines = [n for n, t in barrier_lines().items() if "may be refilled (by iteration" in t]
+    assert len(lines) == 1
+    old = emu_race.set_disabled_barrier(lines[0])
+    try:
+        reports = _race_run(emu_race, 70, 140, 128, _BF, 1, check=False)
+    finally:
+        emu_race.set_disabled_barrier(old)
+    assert int(reports[0]) > 0 and "WAR" in " ".join(reports[1:]), reports[:3]
+
+
+@pytest.mark.slow
+def test_every_barrier_mutant_is_reported(emu_race):
+    """Every __syncthreads() of the kernels, removed one at a time (the emulator skips the one
+    on a given header line): the race checker reports each mutant on at least one of
+    RACE_CASES, in one of the two cp.async landing modes; the unmutated kernels are race-free
+    on all of them. About 5 minutes on 2 loaded cores (pytest -m slow)."""
+    coverage: dict[tuple, list[int]] = {}
+    for case in RACE_CASES:
+        emu_race.barrier_lines()
+        for mode in (1, 2):
+            assert _race_run(emu_race, *case, mode) == ["0"], case
+        coverage[case] = emu_race.barrier_lines()
+    lines = barrier_lines()
+    reached = set().union(*coverage.values())
+    assert set(lines) <= reached, f"barriers never executed: {set(lines) - reached}"
+    missed = []
+    for line in lines:
+        old = emu_race.set_disabled_barrier(line)
+        try:
+            found = any(
+                _race_run(emu_race, *case, mode, check=False)[0] != "0"
+                for case in RACE_CASES
+                if line in coverage[case]
+                for mode in (1, 2)
+            )
+        finally:
+            emu_race.set_disabled_barrier(old)
+        if not found:
+            missed.append(f"line {line}: {lines[line]}")
+    assert not missed, "barrier mutants not reported:\n" + "\n".join(missed)
 
 
 @pytest.mark.slow
