@@ -57,13 +57,12 @@ def resident_blocks(regs: int, smem: int, sm: int) -> int:
     return min(by_regs, by_smem, 2048 // THREADS, 32)
 
 
-def promise(name: str, k_min_blocks: int) -> int:
+def promise(name: str, k_min_blocks: int, bwd_min_blocks: int) -> int:
     """__launch_bounds__ minimum blocks of a kernel (see nt_xent_kernels.cuh)."""
     if name.startswith("fwd_kernel"):
         return k_min_blocks
-    m = re.match(r"bwd_kernel<.*, (\d+)>$", name)
-    if m:
-        return 2 if int(m.group(1)) >= 4 else k_min_blocks
+    if name.startswith("bwd_kernel"):
+        return bwd_min_blocks
     return 1
 
 
@@ -112,9 +111,12 @@ def parse_ptxas(text: str) -> list[dict]:
     return rows
 
 
-def k_min_blocks() -> int:
+def min_blocks() -> tuple[int, int]:
+    """(kMinBlocks of the forward, what bwd_min_blocks() returns) from the kernel header."""
     text = (ROOT / "csrc" / "nt_xent_kernels.cuh").read_text()
-    return int(re.search(r"constexpr int kMinBlocks = (\d+);", text).group(1))
+    fwd = int(re.search(r"constexpr int kMinBlocks = (\d+);", text).group(1))
+    bwd = re.search(r"constexpr int bwd_min_blocks\(\) \{\s*return (\w+);", text).group(1)
+    return fwd, fwd if bwd == "kMinBlocks" else int(bwd)
 
 
 def compile_ptxas(nvcc: str, archs: list[int]) -> str:
@@ -151,7 +153,7 @@ def compile_ptxas(nvcc: str, archs: list[int]) -> str:
 
 
 def table(rows: list[dict], src_hash: str) -> str:
-    kmin = k_min_blocks()
+    kmin, bmin = min_blocks()
     out = [
         f"Source hash: `{src_hash}` (csrc/{', csrc/'.join(SOURCES)}); "
         "`python bench/resource_table.py` rewrites this table.",
@@ -165,7 +167,7 @@ def table(rows: list[dict], src_hash: str) -> str:
         hot = "yes" if r["name"].startswith(HOT) else ""
         out.append(
             f"| `{r['name']}` | {r['sm']} | {r['regs']} | {r['spill_st']} | {r['spill_ld']} "
-            f"| {r['stack']} | {r['smem']} | {res} | {promise(r['name'], kmin)} | {hot} |"
+            f"| {r['stack']} | {r['smem']} | {res} | {promise(r['name'], kmin, bmin)} | {hot} |"
         )
     return "\n".join(out)
 
@@ -192,6 +194,9 @@ def main(args: argparse.Namespace) -> None:
         if not nvcc:
             sys.exit("no nvcc: set CUDA_HOME or --nvcc")
         text = compile_ptxas(nvcc, [int(a) for a in args.archs.split(",")])
+        log = ROOT / "build" / "ptxas.log"  # for --from-log
+        log.parent.mkdir(exist_ok=True)
+        log.write_text(text)
     md = table(parse_ptxas(text), sources_hash())
     print(md)
     if args.print_only:

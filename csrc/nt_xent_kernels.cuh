@@ -40,8 +40,8 @@ using at::Tensor;
 // attribute is needed) and 168 registers per thread, i.e. 3 resident blocks (12 warps) per SM,
 // register-bound (65536 / (128 x 168) = 3.05; shared memory alone would allow 4). Larger tiles
 // (128 x 128) would need dynamic shared memory and halve the blocks per SM; smaller ones double
-// the staging traffic per FLOP. The split over the streamed dimension (below) keeps 4 blocks per
-// SM queued for any R / C shape.
+// the staging traffic per FLOP. The split over the streamed dimension (below) fills one wave of
+// resident blocks for any R / C shape.
 constexpr int kThreads = 128;  // 4 warps per block
 constexpr int kWarps = kThreads / 32;
 // Tile kernels: at least 3 resident blocks (12 warps) per SM (caps registers at 168 per
@@ -49,13 +49,15 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kMinBlocks = 3;
 // The backward keeps its [BR, d] fp32 gradient accumulator in registers for the whole tile loop
 // (not in global memory). ND = number of DN-wide d-chunks held: 2 (d <= 2 DN: 128 for bf16/fp16,
-// 64 for fp32) or 4 (d <= 4 DN: 256 / 128); larger d falls back to a global-memory accumulator
-// (ND = 0). Per warp, ND = 4 is 16 WMMA accumulator fragments, 128 registers per lane: that
-// instantiation is launched with 2 resident blocks per SM (255 registers) instead of 3 so that
-// ptxas does not spill; ND = 2 (64 registers, the SimCLR default d = 128 in bf16) keeps 3.
+// 64 for fp32) or 4 (d <= 4 DN: 256 / 128; not for bf16, see Cfg::kMaxND); larger d falls back
+// to a global-memory accumulator (ND = 0). The backward kernels are launched with 2 resident
+// blocks per SM (up to 255 registers): with 3 (168 registers) ptxas spilled 12-332 bytes per
+// thread in most of them (sm_80 and sm_90, bench/RESULTS.md's resource table at the time), and
+// the bf16 ND = 4 accumulator spilled even at 255. The resource table's test holds every hot
+// kernel to no spill and at least its promised resident blocks.
 template <int ND>
 constexpr int bwd_min_blocks() {
-  return ND >= 4 ? 2 : kMinBlocks;
+  return 2;
 }
 // Column split (flash-decoding): the forward and both backward passes split the streamed
 // dimension over gridDim.y so that the grid fills the GPU when the own dimension is short
@@ -80,6 +82,7 @@ struct Cfg;
 template <>
 struct Cfg<c10::BFloat16> {
   static constexpr int BR = 64, BC = 64, KC = 32, DN = 64;
+  static constexpr int kMaxND = 2;  // ND = 4 spills at 255 registers: d > 128 uses ND = 0
   static constexpr float kGScale = 1.0f;
   static constexpr bool kWmma = true;
   using acc_t = float;
@@ -87,6 +90,7 @@ struct Cfg<c10::BFloat16> {
 };
 template <>
 struct Cfg<c10::Half> {
+  static constexpr int kMaxND = 4;
   static constexpr int BR = 64, BC = 64, KC = 32, DN = 64;
   static constexpr float kGScale = 16384.0f;
   static constexpr bool kWmma = true;
@@ -95,6 +99,7 @@ struct Cfg<c10::Half> {
 };
 template <>
 struct Cfg<float> {
+  static constexpr int kMaxND = 4;
   static constexpr int BR = 64, BC = 64, KC = 16, DN = 32;
   static constexpr float kGScale = 1.0f;
   static constexpr bool kWmma = false;
@@ -103,6 +108,7 @@ struct Cfg<float> {
 };
 template <>
 struct Cfg<double> {
+  static constexpr int kMaxND = 4;
   static constexpr int BR = 32, BC = 32, KC = 16, DN = 32;
   static constexpr double kGScale = 1.0;
   static constexpr bool kWmma = false;
@@ -393,7 +399,7 @@ __device__ void tile_grad_product(const scalar_t* __restrict__ str, int64_t str0
 #pragma unroll
       for (int n = 0; n < C::DN / 16; ++n)
         wmma::load_matrix_sync(acc[n], out + n * 16, dpad, wmma::mem_row_major);
-#pragma unroll
+#pragma unroll 1  // one A fragment live at a time: bf16 pass 2 spilled at 255 regs on sm_80
       for (int kk = 0; kk < C::BC; kk += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
         wmma::load_matrix_sync(fa, reinterpret_cast<const T*>(G + warp * 16 * SM::LDG + kk),
@@ -438,7 +444,8 @@ __device__ void tile_grad_product(const scalar_t* __restrict__ str, int64_t str0
       for (int q = 0; q < CQ; ++q)
         acc_buf[(own0 + ty + 8 * p) * dpad + n0 + tx + 16 * q] = acc[p][q];
   }
-  __syncthreads();
+  // (no barrier here: the caller runs tile_dot next, whose first statement is a barrier, or ends;
+  // the barrier mutation test showed this one redundant: tests/test_nt_xent_op.py)
 }
 
 // ---- backward: register-resident accumulators (ND > 0) ----
@@ -452,7 +459,8 @@ struct SimtAcc {
 };
 
 // acc[c] += G @ str[str0 .. str0 + BC)[:, c DN .. (c + 1) DN) for every d-chunk c with c DN < d.
-// Starts and ends with a block barrier (G complete before; B2 free after).
+// Starts with a block barrier (G complete before); B2 is free again once the next tile_dot's
+// first barrier has passed.
 template <typename scalar_t, int ND>
 __device__ void grad_product_simt(SimtAcc<scalar_t, ND>& acc, const scalar_t* __restrict__ str,
                                   int64_t str0, int64_t n_str, int64_t d, bool vec,
@@ -484,7 +492,8 @@ __device__ void grad_product_simt(SimtAcc<scalar_t, ND>& acc, const scalar_t* __
         for (int q = 0; q < A::CQ; ++q) acc.v[c][p][q] += gv[p] * bv[q];
     }
   }
-  __syncthreads();
+  // (no barrier here: the caller runs tile_dot next, whose first statement is a barrier, or ends;
+  // the barrier mutation test showed this one redundant: tests/test_nt_xent_op.py)
 }
 
 template <typename scalar_t, int ND>
@@ -575,7 +584,8 @@ __device__ void grad_product_wmma(WmmaAcc<scalar_t, ND>& acc, const scalar_t* __
     }
     if (vec) __syncthreads();  // buffer c & 1 may be refilled (chunk c + 2)
   }
-  __syncthreads();
+  // (no barrier here: the caller runs tile_dot next, whose first statement is a barrier, or ends;
+  // the barrier mutation test showed this one redundant: tests/test_nt_xent_op.py)
 }
 #endif
 
@@ -1136,10 +1146,12 @@ void bwd_pass(const Tensor& r, const Tensor& c, const Tensor& pos, const Tensor&
   const int64_t n_own = kColSide ? C : R, n_str = kColSide ? R : C;
   const int64_t dchunks = ceil_div(d, Cf::DN), dpad = dchunks * Cf::DN;
   const int64_t own_blocks = ceil_div(n_own, Cf::BR), own_pad = own_blocks * Cf::BR;
-  const int nd = dchunks <= 2 ? 2 : (dchunks <= 4 ? 4 : 0);
+  const int nd = dchunks <= 2 ? 2 : (dchunks <= 4 && Cf::kMaxND >= 4 ? 4 : 0);
+  // ND = 4 is only instantiated where Cf::kMaxND allows it (no spilling kernel is compiled)
+  constexpr int kND4 = Cf::kMaxND >= 4 ? 4 : 0;
   const int64_t resident =
       nd == 2 ? NTX_RESIDENT_BLOCKS((&bwd_kernel<scalar_t, kColSide, 2>))
-              : (nd == 4 ? NTX_RESIDENT_BLOCKS((&bwd_kernel<scalar_t, kColSide, 4>))
+              : (nd == 4 ? NTX_RESIDENT_BLOCKS((&bwd_kernel<scalar_t, kColSide, kND4>))
                          : NTX_RESIDENT_BLOCKS((&bwd_kernel<scalar_t, kColSide, 0>)));
   const auto [splits, tps] = choose_split(own_blocks, ceil_div(n_str, Cf::BC),
                                           own_pad * dpad * int64_t(sizeof(acc_t)), resident);
@@ -1158,7 +1170,7 @@ void bwd_pass(const Tensor& r, const Tensor& c, const Tensor& pos, const Tensor&
   if (nd == 2)
     launch(&bwd_kernel<scalar_t, kColSide, 2>);
   else if (nd == 4)
-    launch(&bwd_kernel<scalar_t, kColSide, 4>);
+    launch(&bwd_kernel<scalar_t, kColSide, kND4>);
   else
     launch(&bwd_kernel<scalar_t, kColSide, 0>);
   const Tensor& x = kColSide ? c : r;

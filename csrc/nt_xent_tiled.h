@@ -45,6 +45,21 @@ inline Tensor mm_acc(const Tensor& a, const Tensor& b, at::ScalarType acc) {
   return at::mm(a.to(acc), b.to(acc));
 }
 
+// acc += a @ b with acc in the accumulation dtype. On CUDA with bf16/fp16 operands: one cuBLAS
+// GEMM with beta = 1 into the fp32 accumulator (aten::addmm.dtype_out), no [R, d] temporary; a
+// build whose addmm lacks that overload raises at the call (a host-side check, no device
+// fault) and the temporary is used instead.
+inline void mm_acc_add(Tensor& acc, const Tensor& a, const Tensor& b) {
+  if (a.is_cuda() && a.scalar_type() != acc.scalar_type()) {
+    try {
+      at::addmm_out(acc, acc, a, b, acc.scalar_type());
+      return;
+    } catch (const c10::Error&) {
+    }
+  }
+  acc.add_(mm_acc(a, b, acc.scalar_type()));
+}
+
 // 1 / max(||x_i||, eps) per row, in acc.
 inline Tensor inv_norms(const Tensor& x, at::ScalarType acc) {
   return at::linalg_vector_norm(x.to(acc), 2, {1}).clamp_min(ntx::kNormEps).reciprocal();
@@ -130,7 +145,7 @@ std::tuple<Tensor, Tensor> bwd(const EW& ew, const Tensor& grad_loss, const Tens
     ew.bwd_chunk(S, Gc, j0, inv_r, inv_c, inv_t, self, pos, lse, gscale);
     if (need_rows) {
       const Tensor cs = (cch.to(acc) * inv_c.narrow(0, j0, cc).unsqueeze(1)).to(gemm_t);
-      A.add_(mm_acc(Gc, cs, acc));  // [R, d] += [R, cc] @ [cc, d]
+      mm_acc_add(A, Gc, cs);  // [R, d] += [R, cc] @ [cc, d]
     }
     if (need_cols) {
       const Tensor B = mm_acc(Gc.t(), rw, acc).mul_(smax * (inv_t / gscale));  // [cc, d]

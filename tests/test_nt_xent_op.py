@@ -385,6 +385,20 @@ def test_dispatch_rejects_unknown_value(monkeypatch):
         losses.nt_xent_rows(*_small_inputs(), 0.1)
 
 
+def test_no_import_cycle_between_losses_and_the_op():
+    """losses imports nt_xent_op (lazily, optional); nt_xent_op imports nothing from losses."""
+    import ast
+
+    tree = ast.parse((ROOT / "common" / "nt_xent_op.py").read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            imported |= {f"{node.module}.{a.name}" for a in node.names} | {node.module or ""}
+        elif isinstance(node, ast.Import):
+            imported |= {a.name for a in node.names}
+    assert not any("losses" in m for m in imported), imported
+
+
 def test_available_is_false_when_not_loaded(monkeypatch):
     monkeypatch.setattr(op, "_LOAD_ERROR", "ImportError: test")
     assert not op.available("cpu") and not op.available("cuda")
@@ -718,7 +732,8 @@ def emu_splits(emu_ops):
 
 
 # The configurations the GPU runs (R << C as on one rank of 8, tails in both dimensions):
-# bf16 d = 128 (4 k-chunks of 32, register accumulator ND = 2) and d = 256 (8 k-chunks, ND = 4),
+# bf16 d = 128 (4 k-chunks of 32, register accumulator ND = 2) and d = 256 (8 k-chunks, the
+# global accumulator: bf16 keeps at most 2 d-chunks in registers),
 # d = 320 (beyond the register budget: the global-memory accumulator), fp32 d = 128 (SIMT, ND = 4)
 # and d = 160 (SIMT, global accumulator). Splits: the 132-SM heuristic (every column tile its
 # own split here) and forced counts that do not divide the tiles.
@@ -889,13 +904,15 @@ def barrier_lines() -> dict[int, str]:
 
 # (R, C, d, dtype): 70 rows = 2 row tiles, 140 columns = 3 column tiles (tails in both), one split:
 # every block of the forward and of both backward passes streams several tiles. bf16 d = 128
-# (4 k-chunks: the staging double buffer is refilled), d = 256 (4 d-chunks of the gradient
-# product: B2 refilled), d = 37 (scalar loads), d = 320 (global accumulator), fp32 (SIMT) with the
+# (4 k-chunks: the staging double buffer is refilled), fp16 d = 256 (the register accumulator
+# with 4 d-chunks: B2 refilled; bf16 stops at 2), d = 37 (scalar loads) and d = 100 (scalar
+# loads, 2 d-chunks), d = 320 (global accumulator), fp32 (SIMT) with the
 # register and the global accumulator, and d = 0 (the barriers for an empty k-loop).
 RACE_CASES = [
     (70, 140, 128, _BF),
     (70, 140, 37, _BF),
-    (70, 140, 256, _BF),
+    (70, 140, 100, _BF),
+    (70, 140, 256, _HF),
     (70, 140, 40, _F32),
     (40, 140, 160, _F32),
     (70, 140, 0, _BF),
@@ -939,6 +956,9 @@ def test_race_checker_reports_a_missing_refill_barrier(emu_race):
     the checker reports the race (the review found all emulator tests passing without it)."""
     lines = [n for n, t in barrier_lines().items() if "may be refilled (by iteration" in t]
     assert len(lines) == 1
+    emu_race.barrier_lines()
+    assert _race_run(emu_race, 70, 140, 128, _BF, 1) == ["0"]
+    assert lines[0] in emu_race.barrier_lines()  # the build's line numbers are the header's
     old = emu_race.set_disabled_barrier(lines[0])
     try:
         reports = _race_run(emu_race, 70, 140, 128, _BF, 1, check=False)
@@ -985,6 +1005,71 @@ def test_every_barrier_mutant_is_reported(emu_race):
 def test_emulated_large_sweep(emu_ops, emu_splits, R, C, d, dtype):
     """Longer sweep (pytest -m slow): the multi-GPU shape ratio at emulator scale."""
     _emu_check(emu_ops, R, C, d, 0.1, dtype, seed=R + C + d)
+
+
+# ---- static resources of the CUDA kernels (bench/resource_table.py -> bench/RESULTS.md) ----
+
+
+def _resource_rows() -> tuple[str, list[dict]]:
+    sys.path.insert(0, str(ROOT / "bench"))
+    import resource_table as rt
+
+    text = (ROOT / "bench" / "RESULTS.md").read_text()
+    assert rt.BEGIN in text and rt.END in text, "no resource table in bench/RESULTS.md"
+    block = text.split(rt.BEGIN, 1)[1].split(rt.END, 1)[0]
+    rows = []
+    for line in block.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 10 and cells[0].startswith("`"):
+            keys = ("regs", "spill_st", "spill_ld", "stack", "smem", "resident", "promise")
+            rows.append(
+                {"name": cells[0].strip("`"), "sm": int(cells[1]), "hot": cells[9] == "yes"}
+                | dict(zip(keys, map(int, cells[2:9])))
+            )
+    return block, rows
+
+
+def test_resource_table_is_current_and_hot_kernels_keep_their_promise():
+    """The table was written from the current kernel sources (else: run
+    python bench/resource_table.py), covers sm_80 and sm_90, and no hot kernel spills or holds
+    fewer resident blocks per SM than its __launch_bounds__ promise."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import resource_table as rt
+
+    block, rows = _resource_rows()
+    assert f"`{rt.sources_hash()}`" in block, "stale table: run python bench/resource_table.py"
+    hot = [r for r in rows if r["hot"]]
+    assert {r["sm"] for r in hot} == {80, 90}
+    assert any(r["name"].startswith("fwd_kernel<bf16") for r in hot)
+    assert any(r["name"].startswith("tiled_fwd_chunk_kernel") for r in hot)
+    bad = [
+        f"{r['name']} sm_{r['sm']}: {r['spill_st']}/{r['spill_ld']} B spilled, "
+        f"{r['resident']} resident < promise {r['promise']}"
+        for r in hot
+        if r["spill_st"] or r["spill_ld"] or r["resident"] < r["promise"]
+    ]
+    assert not bad, "\n".join(bad)
+
+
+def test_resource_table_occupancy_rules():
+    """The occupancy arithmetic against the figures of the review (sm_90, 128 threads)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import resource_table as rt
+
+    assert rt.resident_blocks(168, 48640, 90) == 3  # register-bound (shared memory allows 4)
+    assert rt.resident_blocks(255, 48640, 90) == 2
+    assert rt.resident_blocks(128, 48640, 90) == 4  # shared-memory-bound
+    assert rt.resident_blocks(128, 48640, 80) == 3  # 164 KiB on sm_80
+    assert rt.resident_blocks(32, 0, 90) == 16  # thread-bound
+    log = (
+        "ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_90'\n"
+        "ptxas info    : Function properties for _Z3fooPf\n"
+        "    8 bytes stack frame, 12 bytes spill stores, 36 bytes spill loads\n"
+        "ptxas info    : Used 168 registers, used 1 barriers, 48640 bytes smem, 400 bytes cmem[0]\n"
+    )
+    (row,) = rt.parse_ptxas(log)
+    assert (row["regs"], row["spill_st"], row["spill_ld"], row["smem"]) == (168, 12, 36, 48640)
+    assert row["name"] == "foo"
 
 
 # ---- CUDA (skipped without a GPU; run by bench/gpu_check.sh) ----
