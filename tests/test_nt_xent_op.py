@@ -972,7 +972,7 @@ def test_every_barrier_mutant_is_reported(emu_race):
     """Every __syncthreads() of the kernels, removed one at a time (the emulator skips the one
     on a given header line): the race checker reports each mutant on at least one of
     RACE_CASES, in one of the two cp.async landing modes; the unmutated kernels are race-free
-    on all of them. About 5 minutes on 2 loaded cores (pytest -m slow)."""
+    on all of them. About 2.5 minutes on 2 shared cores (pytest -m slow)."""
     coverage: dict[tuple, list[int]] = {}
     for case in RACE_CASES:
         emu_race.barrier_lines()
