@@ -787,8 +787,12 @@ class TrainRun:
         )
         per_step = (now - t_from) / max(1, self.step - s_from)
         left = 60 * self.args.time_budget - (now - self.t0)
-        # At least one more step: the step the schedule's lr 0 lands on.
-        total = self.step + max(1, int(left / max(per_step, 1e-9)))
+        # At least one more step: the step the schedule's lr 0 lands on; but once the budget is
+        # spent a re-fit never moves the end further out (else every re-fit adds that step).
+        steps_left = int(left / max(per_step, 1e-9))
+        total = self.step + max(1, steps_left)
+        if not first and steps_left < 1:
+            total = min(total, self.total)
         progress = self._progress(self.step) if self.step >= self.warmup else None
         total = D.broadcast_object(total)
         if progress is not None:  # re-anchor: step `self.step` keeps the lr it would have had

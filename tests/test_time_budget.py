@@ -86,6 +86,17 @@ def test_budget_ends_on_time_when_the_load_changes(tmp_path, monkeypatch, slow, 
     assert biggest < 4 * math.pi / len(decay)
 
 
+def test_a_budget_spent_during_the_probe_ends_the_run(tmp_path, monkeypatch):
+    """A budget shorter than the timed probe steps: the run ends right after them instead of
+    each re-fit adding the one more step the schedule's lr 0 lands on (that ran forever)."""
+    clock = FakeClock()
+    monkeypatch.setattr(train, "clock", clock)
+    run = budget_run(tmp_path, 0.001)  # 0.06 s of budget, 1 s per step
+    lrs = drive(run, clock, lambda t: 1.0, max_steps=1000)
+    assert run.step == run.total <= BUDGET_PROBE + 2 and len(lrs) < 1000
+    assert lrs[-1] == 0.0 or run.step == BUDGET_PROBE + 1
+
+
 def test_a_resumed_budget_run_keeps_what_it_settled(tmp_path, monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(train, "clock", clock)
