@@ -71,11 +71,21 @@ and a probe (10k train images) of 33.4 k-NN / 41.2 linear against 26.8 / 31.6 fo
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.utils import save_image
+
+try:  # a script copied on its own: say what else to copy, not a traceback
+    import common  # noqa: F401
+except ModuleNotFoundError:
+    print(
+        "error: colorize.py needs the common/ folder next to it: copy common/ with it",
+        file=sys.stderr,
+    )
+    raise SystemExit(2) from None
 
 from common import dist as D
 from common.augment import AugConfig, apply_params, sample_params, to_float

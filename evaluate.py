@@ -47,10 +47,8 @@ import copy
 import hashlib
 import json
 import math
-import os
 import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -59,6 +57,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import linear_probe
+
+try:  # a script copied on its own: say what else to copy, not a traceback
+    import common  # noqa: F401
+except ModuleNotFoundError:
+    print(
+        "error: evaluate.py needs the common/ folder next to it: copy common/ with it",
+        file=sys.stderr,
+    )
+    raise SystemExit(2) from None
+
 from common import dist as D
 from common.augment import AugConfig, apply_params, sample_params, to_float
 from common.backbones import backbone_from_config
@@ -73,7 +81,14 @@ from common.metrics import (
     kmeans,
     nmi,
 )
-from common.train import lr_at, step_generator
+from common.outputs import (
+    WriteError,
+    check_output_dir,
+    check_output_file,
+    os_error_reason,
+    write_text_atomic,
+)
+from common.train import check_range, lr_at, step_generator
 
 
 # -------------------------------------------------------------------------------------- CLI
@@ -163,9 +178,11 @@ def load_backbone(run: str, args: argparse.Namespace, device: torch.device):
 def load_data(args: argparse.Namespace, cfg: dict, limit_train: int | None = None):
     """(train, test, prepare, data path): the dataset (--data, else the checkpoint's), test
     limited by --limit-test; prepare maps uint8 images to the backbone's input."""
-    data = args.data or cfg["data"]
-    train = load_split(data, "train").subset(limit_train, args.seed)
-    test = load_split(data, "test").subset(args.limit_test, args.seed)
+    data, size = linear_probe.checkpoint_data(args.data, cfg)  # (size: None for --data)
+    train, test = load_split(data, "train"), load_split(data, "test")
+    if size and train.image_size != size:  # the checkpoint's own data, at its training size
+        train, test = (load_split(data, s, image_size=size) for s in ("train", "test"))
+    train, test = train.subset(limit_train, args.seed), test.subset(args.limit_test, args.seed)
     return train, test, input_transform(cfg, train.mean, train.std), data
 
 
@@ -196,12 +213,9 @@ def finish(args: argparse.Namespace, result: dict, folder: Path, name: str, t0: 
 
 
 def _write_json(path: Path, obj, indent: int | None = 1) -> None:
-    """Atomic write (temp file + rename): a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=indent)
-    os.replace(tmp, path)
+    """Atomic write (temp file + rename): a reader never sees half a file; a full disk or a
+    read-only folder is a WriteError naming the file."""
+    write_text_atomic(path, json.dumps(obj, indent=indent))
 
 
 # ---------------------------------------------------------------------------- 1. clustering
@@ -299,7 +313,10 @@ def tsne(args: argparse.Namespace, device: torch.device) -> dict:
     out = Path(args.out) if args.out else run_dir(args.runs[0])
     png = out / args.png
     if D.is_main():
-        plot_tsne(panels, png)
+        try:
+            plot_tsne(panels, png)
+        except OSError as e:
+            raise WriteError(f"cannot write {png}: {os_error_reason(e)}") from None
     result = {
         "protocol": "tsne",
         "png": str(png),
@@ -318,7 +335,14 @@ def few_label_subset(train: ImageSet, pct: float, seed: int, folder: Path) -> to
     path = folder / f"subset_{pct:g}pct_seed{seed}.json"
     labels_sha1 = hashlib.sha1(train.labels.numpy().tobytes()).hexdigest()
     if path.exists():
-        saved = json.loads(path.read_text())
+        try:
+            saved = json.loads(path.read_text())
+            saved["num_train"], saved["labels_sha1"], saved["dataset"], saved["indices"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(
+                f"{path}: not a subset list of this script ({type(e).__name__}: {e}); delete "
+                "it to draw the subset again"
+            ) from None
         if saved["num_train"] != len(train) or saved["labels_sha1"] != labels_sha1:
             raise ValueError(
                 f"{path} was drawn from another training set ({saved['dataset']}, "
@@ -657,18 +681,50 @@ def main(argv: list[str] | None = None) -> list[dict]:
             raise ValueError(f"--{k.replace('_', '-')} must be > 0, got {v}")
     if args.protocol == "finetune" and not all(0 < p <= 100 for p in args.pcts):
         raise ValueError(f"--pcts must be in (0, 100], got {args.pcts}")
-    linear_probe.check_args(args)  # the probe's flags (--knn-k, --knn-t, --lrs, --wds)
+    check_float_flags(args)
+    linear_probe.check_args(args)  # the probe's flags (--knn-k, --knn-t, --lrs, --wds); NaN
+    check_outputs(args)  # every output path, before any checkpoint or data is read
     device = D.init_distributed(args.device)
     if args.protocol == "tsne":
         return [tsne(args, device)]
     return [PROTOCOLS[args.protocol](args, run, device) for run in args.runs]
 
 
+def check_float_flags(args: argparse.Namespace) -> None:
+    """The ranges of each protocol's float flags (ConfigError naming the flag and its range);
+    linear_probe.check_args then refuses a NaN or inf in any other."""
+    check_range(args, "perplexity", 0, lo_open=True)  # tsne
+    check_range(args, "lr", 0, lo_open=True)  # finetune
+    check_range(args, "weight_decay", 0)
+    check_range(args, "layer_decay", 0, 1, lo_open=True)
+    check_range(args, "warmup_epochs", 0)
+    check_range(args, "label_smoothing", 0, 1, hi_open=True)
+    check_range(args, "crop_min", 0, 1, lo_open=True)
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """WriteError before any work for an output that cannot be written: --out, --subset-dir,
+    tsne's PNG, and the run folders the result JSONs go to (unless --no-save)."""
+    if args.out:
+        check_output_dir(args.out, "--out")
+    if getattr(args, "subset_dir", None):
+        check_output_dir(args.subset_dir, "--subset-dir")
+    if args.protocol == "tsne":
+        png = (Path(args.out) if args.out else run_dir(args.runs[0])) / args.png
+        check_output_file(png, "--png")
+    if args.protocol == "tsne":
+        return  # its JSON goes next to the PNG
+    # (finetune's subset lists go to the run folder when neither folder is given)
+    subsets_in_run = args.protocol == "finetune" and not (args.subset_dir or args.out)
+    for run in args.runs:
+        linear_probe.check_save_folder(run, save=not args.no_save or subsets_in_run)
+
+
 if __name__ == "__main__":
     try:
         main()
-    except (DataError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (DataError, FileNotFoundError, ValueError, WriteError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
     except FloatingPointError as e:  # a diverged fine-tuning: exit 3, as training scripts
         print(f"error: {e}", file=sys.stderr)

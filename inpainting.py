@@ -64,11 +64,21 @@ vs fill 1.03, k-NN 36.1 (25k bank), and a probe (10k train images, 10 epochs) of
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.utils import save_image
+
+try:  # a script copied on its own: say what else to copy, not a traceback
+    import common  # noqa: F401
+except ModuleNotFoundError:
+    print(
+        "error: inpainting.py needs the common/ folder next to it: copy common/ with it",
+        file=sys.stderr,
+    )
+    raise SystemExit(2) from None
 
 from common import dist as D
 from common.augment import AugConfig, apply_params, normalize, sample_params, to_float
@@ -81,6 +91,7 @@ from common.train import (
     TrainRun,
     apply_preset,
     base_parser,
+    check_range,
     place_model,
     run_cli,
     setup_run,
@@ -348,7 +359,15 @@ class Optimizers:
 
 
 # ------------------------------------------------------------------------------------ train
+def check_inpainting_args(args) -> None:
+    """Inpainting's own float flags, range-checked (NaN refused) before any work or folder."""
+    check_range(args, "hole_frac", 0, 1, lo_open=True, hi_open=True)
+    check_range(args, "band_weight", 0)
+    check_range(args, "adv_weight", 0)
+
+
 def main(args):
+    check_inpainting_args(args)
     device, out = setup_run(args)
     rank = D.get_rank()
 
@@ -361,10 +380,8 @@ def main(args):
     args.crop_size = args.crop_size or train.image_size
     args.stem = stem_for(args.crop_size)
     args.band = round(7 * args.crop_size / 128) if args.band is None else args.band
-    if not 0 < args.hole_frac < 1 or args.band < 0 or args.band_weight < 0:
-        raise ConfigError("need 0 < --hole-frac < 1, --band >= 0, --band-weight >= 0")
-    if args.adv_weight < 0:
-        raise ConfigError("--adv-weight must be >= 0")
+    if args.band < 0:
+        raise ConfigError(f"--band must be >= 0, got {args.band}")
     aug = AugConfig(args.crop_size, scale=(0.6, 1.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0)
     mean = torch.tensor(train.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(train.std, device=device).view(1, 3, 1, 1)

@@ -22,6 +22,7 @@ import argparse
 import itertools
 import json
 import math
+import os
 import sys
 import time
 import zipfile
@@ -31,12 +32,22 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+try:  # a script copied on its own: say what else to copy, not a traceback
+    import common  # noqa: F401
+except ModuleNotFoundError:
+    print(
+        "error: linear_probe.py needs the common/ folder next to it: copy common/ with it",
+        file=sys.stderr,
+    )
+    raise SystemExit(2) from None
+
 from common import dist as D
 from common.backbones import backbone_from_config
 from common.checkpoint import load_checkpoint
-from common.data import DataError, load_split
+from common.data import DEFAULT_DATA, DataError, load_split
 from common.eval import extract_features, input_transform, knn_predict
-from common.train import ConfigError, check_range, launch_command
+from common.outputs import WriteError, check_output_dir, write_text_atomic
+from common.train import ConfigError, check_finite, check_range, launch_command
 
 
 def get_args_parser():
@@ -92,8 +103,54 @@ def check_args(args: argparse.Namespace) -> None:
         if not values or bad:
             rule = "> 0" if lo_open else ">= 0"
             raise ConfigError(f"--{k} needs one or more finite values {rule}, got {values}")
+    check_finite(args)
     if getattr(args, "device", None) == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda, but no CUDA device is available")
+
+
+def run_folder(run: str | Path) -> Path:
+    """The folder of a run argument: the run directory, or a checkpoint file's folder."""
+    p = Path(run)
+    return p if p.is_dir() else p.parent
+
+
+def check_save_folder(run: str | Path, save: bool) -> None:
+    """Before any work: the folder the result JSON goes to must be writable (WriteError)."""
+    if save:
+        try:
+            check_output_dir(run_folder(run), "run folder")
+        except WriteError as e:
+            raise WriteError(f"{e} (--no-save prints the result without saving it)") from None
+
+
+def load_at_size(data: str, split: str, size: int | None):
+    """load_split at the image size the backbone trained at (a run with --image-size, or
+    data whose most common size is not what it was), else at the data's own size."""
+    images = load_split(data, split)
+    if size and images.image_size != size:
+        images = load_split(data, split, image_size=size)
+    return images
+
+
+def checkpoint_data(data: str | None, cfg: dict) -> tuple[str, int | None]:
+    """(dataset path, image size) to evaluate on: --data when given (images at their own
+    size), else the checkpoint's dataset at its training size. The checkpoint stores --data as
+    typed (maybe relative to where training ran) and, since the run-folder checks, also its
+    absolute path: the first of them that exists here is used; none is a DataError naming
+    both, not a "does not exist" that hides where the path came from."""
+    if data:
+        return data, None
+    given, absolute = cfg["data"], cfg.get("data_path")
+    for path in (given, absolute):
+        if path and Path(path).exists():
+            return path, cfg.get("image_size")
+    if given == DEFAULT_DATA and not absolute:
+        return given, cfg.get("image_size")  # torchvision's download into ./data, as trained
+    raise DataError(
+        f"the checkpoint's dataset --data {given!r} (as given to the training run"
+        + (f", i.e. {absolute}" if absolute and absolute != given else "")
+        + f") is not found from {os.getcwd()}: pass --data PATH"
+    )
 
 
 def read_checkpoint(run: str | Path) -> dict:
@@ -179,6 +236,7 @@ def upsampled(images: torch.Tensor, prepare, factor: float) -> torch.Tensor:
 def main(args):
     t0 = time.time()
     check_args(args)
+    check_save_folder(args.run, args.save)
     state = read_checkpoint(args.run)
     cfg = state["config"]
     torch.manual_seed(args.seed)
@@ -189,9 +247,9 @@ def main(args):
         backbone.load_state_dict(state["backbone"])
     device = D.init_distributed(args.device)
     backbone.to(device)
-    data = args.data or cfg["data"]
-    train = load_split(data, "train").subset(args.limit_train, args.seed)
-    test = load_split(data, "test")
+    data, size = checkpoint_data(args.data, cfg)
+    train = load_at_size(data, "train", size).subset(args.limit_train, args.seed)
+    test = load_at_size(data, "test", size)
     # Inputs as the method saw them (RGB normalised with the training set's statistics, or
     # colorization's L channel), features from the last stage or from --layer.
     prepare = input_transform(cfg, train.mean, train.std)
@@ -222,11 +280,11 @@ def main(args):
     if D.is_main():
         print(json.dumps(result), flush=True)
         if args.save:  # next to the checkpoint, where results_table.py looks for it
-            run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
             name = "eval_linear" + ("_random_init" if args.random_init else "")
             name += f"_layer{args.layer}" if args.layer else ""
             name += f"_x{args.upsample:g}" if args.upsample != 1 else ""
-            (run_dir / f"{name}.json").write_text(json.dumps(result) + "\n")
+            # (the result is printed above: a full disk costs the file, not the numbers)
+            write_text_atomic(run_folder(args.run) / f"{name}.json", json.dumps(result) + "\n")
     return result
 
 
@@ -237,8 +295,8 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         main(args)
     # ConfigError is a ValueError; DistInitError: a rank that cannot reach the others.
-    except (DataError, FileNotFoundError, ValueError, D.DistInitError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (DataError, FileNotFoundError, ValueError, D.DistInitError, WriteError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     finally:
         D.cleanup()

@@ -47,10 +47,19 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+try:  # a script copied on its own: say what else to copy, not a traceback
+    import common  # noqa: F401
+except ModuleNotFoundError:
+    print(
+        "error: mae.py needs the common/ folder next to it: copy common/ with it", file=sys.stderr
+    )
+    raise SystemExit(2) from None
 
 from common import dist as D
 from common.augment import AugConfig, BatchAugment, normalize
@@ -346,6 +355,17 @@ def check_mae_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--decoder-dim {dim} must be a multiple of 4 and of --decoder-heads")
 
 
+def step_loss(model, aug, images, gen, mask_gen, args, grid: int, n_keep: int):
+    """One step's loss, with no host sync: images uint8 [n, H, W, 3] on the device."""
+    x = aug(images, gen)  # [n, 3, S, S]
+    ids = make_mask(args.mask_type, len(x), grid, args.mask_ratio, mask_gen)  # [n, L] (CPU)
+    if x.is_cuda:  # an asynchronous copy from pinned memory, not a blocking one
+        ids = ids.pin_memory().to(x.device, non_blocking=True)
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=x.is_cuda):
+        loss, _, _ = model(x, ids, n_keep)
+    return loss
+
+
 def main(args):
     device, out = setup_run(args)
     rank = D.get_rank()
@@ -396,13 +416,12 @@ def main(args):
         return res
 
     for images in run.batches(feed, evaluate):
-        # Crops and masks from one generator seeded by (seed, rank, step): resumable, per rank.
-        gen = step_generator(args.seed, rank, run.step)
-        x = aug(images, gen)  # [n, 3, S, S]
-        ids = make_mask(args.mask_type, len(x), grid, args.mask_ratio, gen).to(device)
+        # Crops and masks from generators seeded by (seed, rank, step): resumable, per rank.
+        # The crops are drawn on the device, the masks on the CPU (one generator on a CPU).
+        gen = step_generator(args.seed, rank, run.step, device)
+        mask_gen = gen if device.type == "cpu" else step_generator(args.seed, rank, run.step)
         lr = run.set_lr(opt)
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            loss, _, _ = ddp(x, ids, n_keep)
+        loss = step_loss(ddp, aug, images, gen, mask_gen, args, grid, n_keep)
         if run.nonfinite(loss):  # stops the run, or skips this update with --skip-nonfinite
             continue
         opt.zero_grad(set_to_none=True)

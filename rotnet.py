@@ -40,9 +40,20 @@ README has the commands.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+try:  # a script copied on its own: say what else to copy, not a traceback
+    import common  # noqa: F401
+except ModuleNotFoundError:
+    print(
+        "error: rotnet.py needs the common/ folder next to it: copy common/ with it",
+        file=sys.stderr,
+    )
+    raise SystemExit(2) from None
 
 from common import dist as D
 from common.augment import normalize, resized_crop, to_float
@@ -117,13 +128,14 @@ def crop_flip(
     horizontal flip with p 0.5. x: [B, 3, H, W] float -> [B, 3, size, size]."""
     B, _, H, W = x.shape
     xp = F.pad(x, (pad, pad, pad, pad))  # zeros = black, as RandomCrop(padding) before ToTensor
-    top = torch.randint(0, H + 2 * pad - size + 1, (B,), generator=gen)
-    left = torch.randint(0, W + 2 * pad - size + 1, (B,), generator=gen)
-    flip = torch.rand(B, generator=gen) < 0.5
+    dev = x.device  # drawn there from gen (a generator of that device): no copy, no sync
+    top = torch.randint(0, H + 2 * pad - size + 1, (B,), generator=gen, device=dev)
+    left = torch.randint(0, W + 2 * pad - size + 1, (B,), generator=gen, device=dev)
+    flip = torch.rand(B, generator=gen, device=dev) < 0.5
     boxes = torch.stack([top, left, torch.full_like(top, size), torch.full_like(top, size)], 1)
     # A box exactly `size` wide resized to `size` samples each pixel centre: an exact crop.
     out = resized_crop(xp, boxes, size)
-    out = torch.where(flip.to(x.device).view(-1, 1, 1, 1), out.flip(-1), out)
+    out = torch.where(flip.view(-1, 1, 1, 1), out.flip(-1), out)
     return out, {"boxes": boxes, "flip": flip}
 
 
@@ -166,6 +178,18 @@ def rotation_accuracy(model: RotNet, test, train, args, device, chunk: int = 500
 
 
 # ------------------------------------------------------------------------------------ train
+def step_loss(model, images, gen, mean, std, crop_size: int, pad: int):
+    """One step's forward, with no host sync: images uint8 [n, H, W, 3] on the device ->
+    (loss, logits [4n, 4], labels [4n])."""
+    x, _ = crop_flip(to_float(images), crop_size, pad, gen)
+    x, y = rotate_batch((x - mean) / std)  # [4n, 3, S, S], labels [4n]
+    if x.is_cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=x.is_cuda):
+        logits = model(x)  # [4n, 4]
+    return F.cross_entropy(logits.float(), y), logits, y
+
+
 def main(args):
     device, out = setup_run(args)
     rank = D.get_rank()
@@ -221,26 +245,18 @@ def main(args):
         return rot, knn
 
     for images in run.batches(feed, evaluate):
-        # images: uint8 [n, H, W, 3] on the device; randomness from (seed, rank, step).
-        gen = step_generator(args.seed, rank, run.step)
-        x, _ = crop_flip(to_float(images), args.crop_size, args.pad, gen)
-        x, y = rotate_batch((x - mean) / std)  # [4n, 3, S, S], labels [4n]
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        # images: uint8 [n, H, W, 3] on the device; randomness from (seed, rank, step), drawn
+        # on the device.
+        gen = step_generator(args.seed, rank, run.step, device)
         lr = run.set_lr(opt)
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            logits = ddp(x)  # [4n, 4]
-        loss = F.cross_entropy(logits.float(), y)
-        if run.nonfinite(loss):  # stops the run, or skips this update with --skip-nonfinite
+        loss, logits, y = step_loss(ddp, images, gen, mean, std, args.crop_size, args.pad)
+        top1 = 100.0 * (logits.argmax(1) == y).float().mean()  # read in the step's one sync
+        if run.nonfinite(loss, train_top1=top1):  # stops, or skips with --skip-nonfinite
             continue
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        metrics = {"lr": lr}
-        if (run.step + 1) % args.log_every == 0 or run.step + 1 == run.total:
-            acc = (logits.argmax(1) == y).float().mean()  # only when logged: .item() syncs
-            metrics["train_top1"] = 100.0 * D.all_reduce_mean(acc.detach()).item()
-        run.step_done(loss, **metrics)
+        run.step_done(loss, lr=lr)
     if run.stopped:
         return run.finish()
     rot, knn = evaluate(args.epochs)

@@ -5,10 +5,11 @@ Representations", ICML 2020 (arXiv:2002.05709); CIFAR-10 recipe from its appendi
 official repository (google-research/simclr).
 
 Method: every image in a batch of N is augmented twice (random resized crop, flip, colour
-jitter, grayscale, optional blur). An encoder f (ResNet) gives representations h, a 2-layer MLP
-head g gives projections z = g(h). The NT-Xent loss makes each view's positive (the other view
-of the same image) the most similar among the 2N - 1 others (cosine similarity / temperature,
-softmax cross-entropy), with negatives from every GPU. After training, g is thrown away and h is
+jitter, grayscale, optional blur). An encoder f (ResNet) gives representations h, an MLP head g
+(2 layers; 3 in the gpu preset, as the official run.py) gives projections z = g(h). The
+NT-Xent loss makes each view's positive (the other view of the same image) the most similar
+among the 2N - 1 others (cosine similarity / temperature, softmax cross-entropy), with
+negatives from every GPU. After training, g is thrown away and h is
 evaluated: linear probe and k-NN (linear_probe.py).
 
 Run:
@@ -25,12 +26,24 @@ on 2 CPU cores, with the commands (speed-to-quality curve: bench/speed_to_qualit
 
 from __future__ import annotations
 
+import argparse
 import copy
 import math
+import sys
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+try:  # a script copied on its own: say what else to copy, not a traceback
+    import common  # noqa: F401
+except ModuleNotFoundError:
+    print(
+        "error: simclr.py needs the common/ folder next to it: copy common/ with it",
+        file=sys.stderr,
+    )
+    raise SystemExit(2) from None
 
 from common import dist as D
 from common.augment import AugConfig, BatchAugment
@@ -45,6 +58,7 @@ from common.train import (
     apply_preset,
     base_parser,
     check_range,
+    compile_model,
     place_model,
     run_cli,
     setup_run,
@@ -55,7 +69,9 @@ from common.train import (
 # Presets fill every flag the user did not give (explicit flags win). `gpu` is the official
 # CIFAR-10 recipe (README of google-research/simclr: ResNet-18, batch 512, LARS lr 1.0 x
 # batch/256, wd 1e-4, temperature 0.5, jitter strength 0.5, no blur, 1000 epochs, 10 warm-up
-# epochs), with the official loss scale (common/losses.py: the two directions' means summed).
+# epochs), with the official loss scale (common/losses.py: the two directions' means summed),
+# run.py's 3-layer projection head and its ResNet's zero-initialised last BN per block;
+# docs/gpu.md lists where it still differs (bicubic crop resize, head init, ...).
 # `tiny` proves the pipeline in seconds (tests); `cpu` is ~10 minutes on 2 cores. `fast` is the
 # recipe chosen by measurement for short wall-clock budgets (use it with --time-budget MIN): at
 # a 3-minute CPU budget, temperature 0.2 instead of 0.5 gave +3.4 k-NN and 24 px crops (2.3x
@@ -77,6 +93,9 @@ _TABLE = {
     "knn_bank":      (2000,     None,     None,     10000), # train images in the k-NN bank
     "crop_scale_min": (0.08,    0.08,     0.08,     0.2),   # random resized crop: area min-1
     "crop_frac":     (1.0,      1.0,      1.0,      0.75),  # crop side / image side
+    "proj_layers":   (2,        2,        3,        2),     # projection head depth (run.py: 3)
+    "zero_init_residual": (False, False,  True,     False), # last BN of each block starts at 0
+    "compile":       (False,    False,    True,     False), # torch.compile the model
 }
 # fmt: on
 PRESET_NAMES = ("tiny", "cpu", "gpu", "fast")
@@ -104,6 +123,17 @@ def get_args_parser():
         help="training crop side as a fraction of the image side, when --crop-size is not given "
         "(below 1: more steps per minute; the probe still sees whole images)",
     )
+    p.add_argument("--proj-layers", type=int, help="projection head layers (official: 3)")
+    p.add_argument(
+        "--zero-init-residual",
+        action=argparse.BooleanOptionalAction,
+        help="zero-initialise the last BN of every residual block (official ResNet)",
+    )
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        help="torch.compile the model (gpu preset; falls back to eager with one warning)",
+    )
     p.add_argument("--momentum", type=float, default=0.9, help="LARS momentum, in [0, 1)")
     p.add_argument("--lars-eta", type=float, default=1e-3, help="LARS trust coefficient")
     p.add_argument(
@@ -129,27 +159,33 @@ def check_simclr_args(args) -> None:
     check_range(args, "lars_eta", 0, lo_open=True)
     if args.proj_dim <= 0:
         raise ConfigError(f"--proj-dim must be > 0, got {args.proj_dim}")
+    if args.batch_size is not None and 0 < args.batch_size < 2:  # NT-Xent needs negatives
+        raise ConfigError(
+            f"--batch-size {args.batch_size}: SimCLR needs at least 2 images per step (each "
+            "image's negatives are the other images' views; with 1 the loss is always 0)"
+        )
+    if args.proj_layers < 1:
+        raise ConfigError(f"--proj-layers must be >= 1, got {args.proj_layers}")
 
 
 # ------------------------------------------------------------------------------------ model
 class ProjectionHead(nn.Sequential):
-    """g: Linear-BN-ReLU-Linear-BN, as the official code's 2-layer head (BN instead of biases)."""
+    """g: `layers` x (Linear-BN), with ReLU between, as the official code's nonlinear head
+    (model_util.projection_head: BN instead of biases; hidden layers keep the input width).
+    layers=2 (SimCLR v1): Linear-BN-ReLU-Linear-BN; layers=3 (run.py's num_proj_layers=3)."""
 
-    def __init__(self, in_dim: int, out_dim: int):
-        super().__init__(
-            nn.Linear(in_dim, in_dim, bias=False),
-            nn.BatchNorm1d(in_dim),
-            nn.ReLU(inplace=True),
-            nn.Linear(in_dim, out_dim, bias=False),
-            nn.BatchNorm1d(out_dim),
-        )
+    def __init__(self, in_dim: int, out_dim: int, layers: int = 2):
+        mods: list[nn.Module] = []
+        for _ in range(layers - 1):
+            mods += [nn.Linear(in_dim, in_dim, bias=False), nn.BatchNorm1d(in_dim), nn.ReLU(True)]
+        super().__init__(*mods, nn.Linear(in_dim, out_dim, bias=False), nn.BatchNorm1d(out_dim))
 
 
 class SimCLR(nn.Module):
-    def __init__(self, backbone: nn.Module, proj_dim: int):
+    def __init__(self, backbone: nn.Module, proj_dim: int, proj_layers: int = 2):
         super().__init__()
         self.backbone = backbone
-        self.head = ProjectionHead(backbone.feat_dim, proj_dim)
+        self.head = ProjectionHead(backbone.feat_dim, proj_dim, proj_layers)
 
     def forward(self, views: torch.Tensor) -> torch.Tensor:
         # views: [2n, 3, S, S], both views in one batch so BN normalises over all 2n images
@@ -160,27 +196,41 @@ class SimCLR(nn.Module):
 class LARS(torch.optim.Optimizer):
     """LARS (You et al. 2017) as in SimCLR's code: per-layer trust ratio eta*||w||/||g||, with
     momentum on the scaled update. Groups with `exclude=True` (biases, BN) get neither weight
-    decay nor adaptation."""
+    decay nor adaptation.
+
+    Every op is a `torch._foreach_*` over a group's tensors (a handful of multi-tensor
+    launches instead of ~10 per parameter), the trust ratios stay on the device (no host
+    sync), and the momentum buffers are created once, on the first step."""
 
     def __init__(self, params, lr: float, momentum: float, weight_decay: float, eta: float):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta))
 
+    def _buffers(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        for p in params:  # (first step, or a parameter that had no gradient so far)
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        return [self.state[p]["momentum_buffer"] for p in params]
+
     @torch.no_grad()
     def step(self):
         for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                trust = 1.0
-                if not g.get("exclude", False):
-                    grad = grad.add(p, alpha=g["weight_decay"])
-                    w_norm, g_norm = torch.linalg.norm(p), torch.linalg.norm(grad)
-                    ok = (w_norm > 0) & (g_norm > 0)
-                    trust = torch.where(ok, g["eta"] * w_norm / g_norm.clamp_min(1e-30), 1.0)
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                buf.mul_(g["momentum"]).add_(grad * (trust * g["lr"]))
-                p.sub_(buf)
+            params = [p for p in g["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            bufs = self._buffers(params)
+            if g.get("exclude", False):
+                update = torch._foreach_mul(grads, g["lr"])  # trust 1
+            else:
+                grads = torch._foreach_add(grads, params, alpha=g["weight_decay"])
+                w_norm = torch.stack(torch._foreach_norm(params))  # [n_params], on the device
+                g_norm = torch.stack(torch._foreach_norm(grads))
+                ok = (w_norm > 0) & (g_norm > 0)
+                trust = torch.where(ok, g["eta"] * w_norm / g_norm.clamp_min(1e-30), 1.0)
+                update = torch._foreach_mul(grads, list((trust * g["lr"]).unbind()))
+            torch._foreach_mul_(bufs, g["momentum"])
+            torch._foreach_add_(bufs, update)
+            torch._foreach_sub_(params, bufs)
 
 
 def param_groups(model: nn.Module) -> list[dict]:
@@ -220,7 +270,7 @@ def pretext_top1(model, images: torch.Tensor, aug, batch: int, device, seed: int
     for i, chunk in enumerate(chunks):
         if len(chunk) < batch and len(chunks) > 1:
             break
-        gen = step_generator(seed, 0, i)
+        gen = step_generator(seed, 0, i, device)
         x = chunk.to(device)
         views = torch.cat([aug(x, gen), aug(x, gen)])  # [2n, 3, S, S]
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
@@ -230,6 +280,27 @@ def pretext_top1(model, images: torch.Tensor, aug, batch: int, device, seed: int
 
 
 # ------------------------------------------------------------------------------------ train
+def step_loss(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    aug: BatchAugment,
+    images: torch.Tensor,
+    gen: torch.Generator | None,
+    temperature: float,
+) -> torch.Tensor:
+    """One step's loss, with no host sync: images uint8 [n, H, W, 3] on the device -> two
+    views -> projections -> NT-Xent."""
+    cuda = images.is_cuda
+    views = torch.cat([aug(images, gen), aug(images, gen)])  # [2n, 3, S, S]
+    if cuda:
+        views = views.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(images.device.type, torch.bfloat16, enabled=cuda):
+        z = model(views)  # [2n, proj_dim]
+    # On CUDA the fused op takes the bf16 projections (tensor cores; it accumulates in fp32,
+    # and the reference upcasts); elsewhere z is fp32 already.
+    z1, z2 = (z if cuda else z.float()).chunk(2)  # [n, proj_dim] each
+    return nt_xent_loss(z1, z2, temperature)
+
+
 def main(args):
     check_simclr_args(args)
     if args.lr is None:
@@ -259,7 +330,10 @@ def main(args):
         train.std,
     )
 
-    model = SimCLR(build_backbone(args.backbone, args.stem, args.width), args.proj_dim)
+    backbone = build_backbone(
+        args.backbone, args.stem, args.width, zero_init_residual=args.zero_init_residual
+    )
+    model = SimCLR(backbone, args.proj_dim, args.proj_layers)
     model = place_model(model, device)
     scale = args.batch_size / 256 if args.lr_scaling == "linear" else math.sqrt(args.batch_size)
     peak_lr = args.lr * scale
@@ -287,6 +361,7 @@ def main(args):
         log_step(*a, loss=loss, infonce_bound=log_2n_1 - loss / 2, **metrics)
 
     run.log.step = log_with_bound
+    fwd = compile_model(ddp, args.compile)  # (the k-NN evaluation runs the backbone eagerly)
 
     def evaluate(epoch):
         acc = knn_top1(
@@ -298,18 +373,11 @@ def main(args):
         return acc
 
     for images in run.batches(feed, evaluate):
-        # Both views from one generator seeded by (seed, rank, step): resumable, per-rank.
-        gen = step_generator(args.seed, rank, run.step)
-        views = torch.cat([aug(images, gen), aug(images, gen)])  # [2n, 3, S, S]
-        if device.type == "cuda":
-            views = views.contiguous(memory_format=torch.channels_last)
+        # Both views from one generator of the device, seeded by (seed, rank, step): resumable,
+        # per rank, and drawn on the GPU (the step's one host sync is run.nonfinite's).
+        gen = step_generator(args.seed, rank, run.step, device)
         lr = run.set_lr(opt)
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            z = ddp(views)  # [2n, proj_dim]
-        # On CUDA the fused op takes the bf16 projections (tensor cores; it accumulates in fp32,
-        # and the reference upcasts); elsewhere z is fp32 already.
-        z1, z2 = (z if device.type == "cuda" else z.float()).chunk(2)  # [n, proj_dim] each
-        loss = nt_xent_loss(z1, z2, args.temperature)
+        loss = step_loss(fwd, aug, images, gen, args.temperature)
         if run.nonfinite(loss):  # stops the run, or skips this update with --skip-nonfinite
             continue
         opt.zero_grad(set_to_none=True)

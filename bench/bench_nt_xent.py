@@ -8,7 +8,8 @@ Two layouts. --sizes 2N: SimCLR at world size 1, z [2N, d] is both the rows and 
 nt_xent_loss passes them), backward to z. --shapes RxC: one rank of a multi-GPU run, R = 2n
 local rows against C gathered columns (rows and cols separate leaves, both get gradients; the
 local rows are columns 0..R-1's images). Loss = mean over the rows. Implementations: op (the
-fused op), eager (common.losses.nt_xent_reference: F.normalize, matmul, a boolean self mask,
+fused op at its default path: fused kernels on the CPU, tiled on CUDA), tiled / fused (the op with
+its path forced: SSL_NT_XENT_PATH), eager (common.losses.nt_xent_reference: F.normalize, matmul, a boolean self mask,
 masked_fill, cross_entropy), lean (the leanest eager formulation: the same with the self
 logits set to -inf in place, no mask and no copy), compile (torch.compile of the reference).
 Per configuration it prints the
@@ -123,8 +124,14 @@ class Runner:
         self.pos, self.self_idx = simclr_layout(R // 2, 0, self.device)
         self.T = T
         self.impl = impl
-        if impl == "op":
+        if impl == "op":  # the op as nt_xent_loss runs it (SSL_NT_XENT_PATH, default per device)
             self.fn = op.nt_xent_fused
+        elif impl in ("tiled", "fused"):  # the op with its path forced
+
+            def fn(r, c, p, s, t, _path=impl):
+                return op.nt_xent_fused(r, c, p, s, t, path=_path)
+
+            self.fn = fn
         elif impl == "eager":
             self.fn = nt_xent_reference
         elif impl == "lean":
@@ -214,7 +221,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--d", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.1)
     p.add_argument(
-        "--impls", default="op,eager,compile", help="comma list of op,eager,lean,compile"
+        "--impls",
+        default="op,eager,compile",
+        help="comma list of op,tiled,fused,eager,lean,compile (tiled / fused: the op with its "
+        "path forced; op: its default path for the device)",
     )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
@@ -237,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     shapes += [parse_shape(s) for s in args.shapes.split(",") if s.strip()]
     impls = [s.strip() for s in args.impls.split(",")]
     dnames = [s.strip() for s in args.dtypes.split(",")]
-    bad = [i for i in impls if i not in ("op", "eager", "lean", "compile")]
+    bad = [i for i in impls if i not in ("op", "tiled", "fused", "eager", "lean", "compile")]
     bad += [dn for dn in dnames if dn not in DTYPES]
     if bad or not shapes:
         p.error(f"unknown impl/dtype {bad}" if bad else "no --sizes and no --shapes")
@@ -275,10 +285,10 @@ def main(argv: list[str] | None = None) -> None:
             res: dict[str, tuple[float, int] | None] = {}
             notes: dict[str, str] = {}
             for impl in impls:
-                if impl == "op" and not op.available(args.device):
+                if impl in ("op", "tiled", "fused") and not op.available(args.device):
                     res[impl], notes[impl] = None, "not built"
                     continue
-                if impl != "op":
+                if impl not in ("op", "tiled", "fused"):
                     too_big = ref_estimate_bytes(R, C) > limit
                     if (args.ref_max is not None and C > args.ref_max) or too_big:
                         res[impl] = None
@@ -340,6 +350,16 @@ def main(argv: list[str] | None = None) -> None:
                     )
                 lines.append(row)
                 print(row, flush=True)
+            tiled, fused = res.get("tiled"), res.get("fused")
+            if tiled and fused:  # which path the op should use at this shape (gpu_check.sh)
+                best = "tiled" if tiled[0] <= fused[0] else "fused"
+                rec = (
+                    f"recommendation: {R} x {C} {dname} on {args.device}: tiled "
+                    f"{1e3 * tiled[0]:.1f} ms, fused {1e3 * fused[0]:.1f} ms -> "
+                    f"SSL_NT_XENT_PATH={best}"
+                )
+                lines.append(rec)
+                print(rec, flush=True)
     lines.append(f"\nload average after the run: {_load()}")
     print(lines[-1])
     if args.out:

@@ -43,16 +43,24 @@ class AugConfig:
 
 
 def sample_crop_boxes(
-    n: int, height: int, width: int, scale, ratio, gen: torch.Generator
+    n: int,
+    height: int,
+    width: int,
+    scale,
+    ratio,
+    gen: torch.Generator | None,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Integer crop boxes [n, 4] = (top, left, h, w), as torchvision's RandomResizedCrop.get_params.
 
     torchvision tries up to 10 (area, log-ratio) draws and takes the first that fits, else falls
     back to a central crop; we draw all 10 tries for every sample at once and pick the first fit.
+    Everything is drawn and computed on `device` (gen's device): no host sync, no copy.
     """
     area = height * width
-    target = area * torch.empty(n, 10).uniform_(scale[0], scale[1], generator=gen)
-    log_r = torch.empty(n, 10).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=gen)
+    target = area * torch.empty(n, 10, device=device).uniform_(scale[0], scale[1], generator=gen)
+    log_r = torch.empty(n, 10, device=device)
+    log_r.uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=gen)
     aspect = torch.exp(log_r)
     w = torch.round(torch.sqrt(target * aspect))  # [n, 10]; round half to even, as Python's
     h = torch.round(torch.sqrt(target / aspect))
@@ -60,7 +68,7 @@ def sample_crop_boxes(
     first = fits.float().argmax(1)  # index of the first try that fits (0 if none does)
     w = w.gather(1, first[:, None])[:, 0]
     h = h.gather(1, first[:, None])[:, 0]
-    u = torch.rand(n, 2, generator=gen)
+    u = torch.rand(n, 2, generator=gen, device=device)
     top = torch.floor(u[:, 0] * (height - h + 1))  # uniform integer in [0, H - h]
     left = torch.floor(u[:, 1] * (width - w + 1))
     # Central-crop fallback for samples where no try fitted (rare at scale >= 0.08).
@@ -79,26 +87,38 @@ def sample_crop_boxes(
     return torch.stack([top, left, h, w], 1).long()
 
 
-def sample_params(cfg: AugConfig, n: int, height: int, width: int, gen: torch.Generator) -> dict:
-    """Every random choice for n images, on the CPU (a few numbers per image)."""
+def sample_params(
+    cfg: AugConfig,
+    n: int,
+    height: int,
+    width: int,
+    gen: torch.Generator | None,
+    device: torch.device | str | None = None,
+) -> dict:
+    """Every random choice for n images (a few numbers per image), drawn on `device` from
+    `gen` (a generator of that device): on a GPU nothing is drawn on the host or copied."""
     b, c, s, hue = cfg.jitter
 
-    def factor(x):  # ColorJitter's factor range [max(0, 1 - x), 1 + x]
-        return torch.empty(n).uniform_(max(0.0, 1 - x), 1 + x, generator=gen)
+    def uniform(lo, hi):
+        return torch.empty(n, device=device).uniform_(lo, hi, generator=gen)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=gen, device=device)
 
     return {
-        "boxes": sample_crop_boxes(n, height, width, cfg.scale, cfg.ratio, gen),
-        "flip": torch.rand(n, generator=gen) < cfg.flip_p,
-        "jitter": torch.rand(n, generator=gen) < cfg.jitter_p,
-        "brightness": factor(b),
-        "contrast": factor(c),
-        "saturation": factor(s),
-        "hue": torch.empty(n).uniform_(-hue, hue, generator=gen),
+        "boxes": sample_crop_boxes(n, height, width, cfg.scale, cfg.ratio, gen, device),
+        "flip": rand(n) < cfg.flip_p,
+        "jitter": rand(n) < cfg.jitter_p,
+        # ColorJitter's factor ranges [max(0, 1 - x), 1 + x]
+        "brightness": uniform(max(0.0, 1 - b), 1 + b),
+        "contrast": uniform(max(0.0, 1 - c), 1 + c),
+        "saturation": uniform(max(0.0, 1 - s), 1 + s),
+        "hue": uniform(-hue, hue),
         # ColorJitter applies its 4 ops in a random order: one permutation per image.
-        "order": torch.argsort(torch.rand(n, 4, generator=gen), 1),
-        "gray": torch.rand(n, generator=gen) < cfg.gray_p,
-        "blur": torch.rand(n, generator=gen) < cfg.blur_p,
-        "sigma": torch.empty(n).uniform_(*cfg.blur_sigma, generator=gen),
+        "order": torch.argsort(rand(n, 4), 1),
+        "gray": rand(n) < cfg.gray_p,
+        "blur": rand(n) < cfg.blur_p,
+        "sigma": uniform(*cfg.blur_sigma),
     }
 
 
@@ -166,35 +186,53 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> tor
     return y.view(B, C, H, W)
 
 
-def apply_params(x: torch.Tensor, p: dict, cfg: AugConfig) -> torch.Tensor:
-    """x: [B, 3, H, W] float in [0, 1] (any device) -> augmented [B, 3, size, size] in [0, 1]."""
-    dev = x.device
-    p = {k: v.to(dev) for k, v in p.items()}
+def _jitter_op(op: int, x: torch.Tensor, p: dict, sel=slice(None)) -> torch.Tensor:
+    """ColorJitter's op number `op` on x (the images `sel` of the batch), with their factors."""
+    if op == 0:  # brightness: blend with black
+        return (x * p["brightness"][sel].view(-1, 1, 1, 1)).clamp(0, 1)
+    if op == 1:  # contrast: blend with the mean grey level of the image
+        mean = rgb_to_gray(x).mean((-3, -2, -1), keepdim=True)
+        return _blend(x, mean, p["contrast"][sel])
+    if op == 2:  # saturation: blend with the grey image
+        return _blend(x, rgb_to_gray(x), p["saturation"][sel])
+    return adjust_hue(x, p["hue"][sel])
+
+
+def apply_params(
+    x: torch.Tensor, p: dict, cfg: AugConfig, masked: bool | None = None
+) -> torch.Tensor:
+    """x: [B, 3, H, W] float in [0, 1] -> augmented [B, 3, size, size] in [0, 1].
+
+    masked (default: on CUDA): every op runs on the whole batch and torch.where keeps it for
+    the images that draw it, so that the step needs no host sync (torch.nonzero, and a size
+    that depends on the data, wait for the GPU). Elsewhere the images that draw an op are
+    gathered and only those computed (the CPU has no such wait, and the work is 4x smaller
+    in the colour jitter). Both give the same images (tests/test_augment.py)."""
+    if masked is None:
+        masked = x.is_cuda
+    p = {k: v.to(x.device, non_blocking=True) for k, v in p.items()}  # (no-ops when drawn there)
     x = resized_crop(x, p["boxes"], cfg.size)
     x = torch.where(p["flip"].view(-1, 1, 1, 1), x.flip(-1), x)
     # Colour jitter: at step k, each jittered image runs the op its own permutation names there.
     for k in range(4):
         for op in range(4):
-            sel = torch.nonzero(p["jitter"] & (p["order"][:, k] == op)).flatten()
-            if sel.numel() == 0:
+            pick = p["jitter"] & (p["order"][:, k] == op)  # [B] bool
+            if masked:
+                x = torch.where(pick.view(-1, 1, 1, 1), _jitter_op(op, x, p), x)
                 continue
-            xs = x[sel]
-            if op == 0:  # brightness: blend with black
-                xs = (xs * p["brightness"][sel].view(-1, 1, 1, 1)).clamp_(0, 1)
-            elif op == 1:  # contrast: blend with the mean grey level of the image
-                mean = rgb_to_gray(xs).mean((-3, -2, -1), keepdim=True)
-                xs = _blend(xs, mean, p["contrast"][sel])
-            elif op == 2:  # saturation: blend with the grey image
-                xs = _blend(xs, rgb_to_gray(xs), p["saturation"][sel])
-            else:
-                xs = adjust_hue(xs, p["hue"][sel])
-            x = x.index_copy(0, sel, xs)
+            sel = torch.nonzero(pick).flatten()
+            if sel.numel():
+                x = x.index_copy(0, sel, _jitter_op(op, x[sel], p, sel))
     x = torch.where(p["gray"].view(-1, 1, 1, 1), rgb_to_gray(x).expand_as(x), x)
     if cfg.blur_p > 0:
-        sel = torch.nonzero(p["blur"]).flatten()
-        if sel.numel():
-            ks = int(0.1 * cfg.size) // 2 * 2 + 1  # 10% of the side, odd (SimCLR appendix A)
-            x = x.index_copy(0, sel, gaussian_blur(x[sel], p["sigma"][sel], ks))
+        ks = int(0.1 * cfg.size) // 2 * 2 + 1  # 10% of the side, odd (SimCLR appendix A)
+        if masked:
+            blurred = gaussian_blur(x, p["sigma"], ks)
+            x = torch.where(p["blur"].view(-1, 1, 1, 1), blurred, x)
+        else:
+            sel = torch.nonzero(p["blur"]).flatten()
+            if sel.numel():
+                x = x.index_copy(0, sel, gaussian_blur(x[sel], p["sigma"][sel], ks))
     return x
 
 
@@ -205,12 +243,18 @@ class BatchAugment:
         self.cfg = cfg
         self.mean = torch.tensor(mean).view(1, 3, 1, 1)
         self.std = torch.tensor(std).view(1, 3, 1, 1)
+        self._consts: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def __call__(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        """images on the training device; gen: a generator of that device (common.train.
+        step_generator), from which every random parameter is drawn there."""
         x = to_float(images)
-        p = sample_params(self.cfg, x.shape[0], x.shape[2], x.shape[3], gen)
+        p = sample_params(self.cfg, x.shape[0], x.shape[2], x.shape[3], gen, x.device)
         x = apply_params(x, p, self.cfg)
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+        if x.device not in self._consts:  # copied to the device once, not every step
+            self._consts[x.device] = (self.mean.to(x.device), self.std.to(x.device))
+        mean, std = self._consts[x.device]
+        return (x - mean) / std
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:

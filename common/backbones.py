@@ -26,9 +26,9 @@ class _ScaledResNet(ResNet):
     block code (and its state-dict names) while allowing narrow networks.
     """
 
-    def __init__(self, block, layers, width: int):
+    def __init__(self, block, layers, width: int, zero_init_residual: bool = False):
         self._width = width
-        super().__init__(block, layers)
+        super().__init__(block, layers, zero_init_residual=zero_init_residual)
 
     def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
         if planes == 64:  # first stage: the stem (rebuilt below) outputs `width` channels
@@ -37,9 +37,15 @@ class _ScaledResNet(ResNet):
 
 
 def build_backbone(
-    arch: str = "resnet18", stem: str = "cifar", width: int = 64, in_chans: int = 3
+    arch: str = "resnet18",
+    stem: str = "cifar",
+    width: int = 64,
+    in_chans: int = 3,
+    zero_init_residual: bool = False,
 ) -> nn.Module:
-    """A ResNet trunk returning pooled features; `model.feat_dim` gives their dimension."""
+    """A ResNet trunk returning pooled features; `model.feat_dim` gives their dimension.
+    zero_init_residual: the last BN of every residual block starts with weight 0, so that each
+    block starts as the identity (Goyal et al. 2017; SimCLR's ResNet, `init_zero=True`)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown backbone {arch!r}; choose one of {sorted(ARCHS)}")
     if stem not in ("cifar", "imagenet"):
@@ -47,7 +53,7 @@ def build_backbone(
     if width < 4 or width % 4:
         raise ValueError(f"width must be a positive multiple of 4, got {width}")
     block, layers = ARCHS[arch]
-    model = _ScaledResNet(block, layers, width)
+    model = _ScaledResNet(block, layers, width, zero_init_residual)
     if stem == "cifar":
         model.conv1 = nn.Conv2d(in_chans, width, 3, 1, 1, bias=False)
         model.maxpool = nn.Identity()

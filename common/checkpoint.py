@@ -11,6 +11,9 @@ A checkpoint is a dict of tensors and plain Python values:
   config       the run's full configuration (vars(args)): rebuilds the backbone
   rng          torch / numpy / Python RNG states (augmentation streams are derived from
                (seed, rank, step), so resuming does not depend on these)
+  preprocess   the backbone's input: the training set's channel "mean" and "std" (what it was
+               normalised with), "input_size" and "input" kind (export.py; older checkpoints
+               lack it: `preprocess_of` recomputes it from the training data)
 
 `torch.load(weights_only=True)` refuses anything but tensors and plain containers, so a
 checkpoint from an untrusted source cannot run code.
@@ -19,6 +22,7 @@ checkpoint from an untrusted source cannot run code.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -26,7 +30,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.outputs import WriteError, os_error_reason  # noqa: F401 (a save's errors)
+
 FORMAT = 1
+TEMP_GLOB = ".ckpt-*.tmp"  # save_checkpoint's temp files: a killed save leaves one behind
+
+
+def remove_stale_temps(folder: str | Path) -> int:
+    """Delete the temp files of saves that were killed (SIGKILL, power loss) in `folder`;
+    returns how many. Call only while holding the run's lock: a live save's temp file is
+    otherwise someone else's."""
+    n = 0
+    for f in Path(folder).glob(TEMP_GLOB):
+        try:
+            f.unlink()
+            n += 1
+        except FileNotFoundError:
+            pass
+    return n
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -85,22 +106,28 @@ def save_checkpoint(
         **(extra or {}),
     }
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file, never half
+        tmp = None
         dfd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dfd)  # make the rename itself durable
         finally:
             os.close(dfd)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+        reason = os_error_reason(e)
+        if reason is None or isinstance(e, KeyboardInterrupt):
+            raise
+        kept = "the previous one is intact" if path.exists() else "none was written before"
+        raise WriteError(f"cannot write checkpoint {path}: {reason} ({kept})") from e
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -112,8 +139,48 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message advises weights_only=False, i.e. running the file's code: not here.
+        raise ValueError(
+            f"{path} is not a loadable checkpoint: it holds objects other than tensors and plain "
+            f"containers ({_unpickle_reason(str(e))}), and is refused without running them"
+        ) from None
     except Exception as e:
-        raise ValueError(f"{path} is not a loadable checkpoint ({type(e).__name__}: {e})") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(
+            f"{path} is not a loadable checkpoint ({type(e).__name__}: {first}): truncated or "
+            "not written by torch.save"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a checkpoint of this repo (format {FORMAT})")
     return state
+
+
+def data_preprocess(config: dict, data: str | None = None) -> dict:
+    """The input preprocessing of a run's backbone, from its training data (`data`, default the
+    config's): the train split's channel mean and std, which every method normalises with (the
+    same for any --limit-train subset), the side the probes feed, and the input kind."""
+    from common.data import load_split
+
+    train = load_split(data or config["data"], "train")
+    return {
+        "mean": [float(v) for v in train.mean],
+        "std": [float(v) for v in train.std],
+        "input_size": int(config.get("image_size") or train.image_size),
+        "input": config.get("input", "rgb"),  # "lab_l" (colorize), "rgb_project" (context)
+    }
+
+
+def preprocess_of(state: dict, data: str | None = None) -> dict:
+    """A checkpoint's stored preprocessing, or (older checkpoints) the one its data gives."""
+    return state.get("preprocess") or data_preprocess(state["config"], data)
+
+
+def _unpickle_reason(message: str) -> str:
+    """The line of torch's weights_only refusal that names what was refused (e.g. "Trying to
+    load unsupported GLOBAL posix.system ..."), without its advice to load unsafely."""
+    for line in message.splitlines():
+        line = line.strip()
+        if line and "weights_only" not in line and "documentation" not in line:
+            return line.rstrip(".")
+    return "unsupported content"

@@ -10,32 +10,49 @@
 ImageFolder and tarball images are decoded once (JPEG, PNG, ...; greyscale, palette, RGBA and
 CMYK are converted to RGB) into `[N, H, W, 3]` uint8 arrays saved in a cache directory
 (`$SSL_CACHE_DIR`, default `~/.cache/ssl-reference`), keyed by the source's path, size and
-mtime, so later runs and every epoch skip JPEG decoding. All images of a cache share one size:
-that of the first image when it is square (CIFAR's 32, Imagenette's 224), else 256; any other
-image is resized (shorter side) and centre-cropped to it. Files that are not images by their
-extension are skipped; an image that cannot be decoded stops the run with its name.
+mtime, so later runs and every epoch skip JPEG decoding. All images of a cache share one size
+S: `--image-size S` when given, else the most common size among up to SIZE_SAMPLE training
+images spread over the split (read from the file headers): its side when square (CIFAR's 32,
+Imagenette's 224), else 256. Any image of another size is resized (shorter side) and
+centre-cropped to S, and one warning counts them, so one odd file (a 1x1 icon, a 4000x3000
+photo) cannot set the size of the whole data set. Files that are not images by their
+extension are skipped; an image that cannot be read or decoded (a symlink loop, a broken link,
+a corrupt file) stops the run with its name. File and folder names need not be UTF-8.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
 import shutil
+import sys
 import tarfile
 import tempfile
 import warnings
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from common.outputs import os_error_reason
+
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 CACHE_VERSION = 1
 DEFAULT_DATA = "./data"
 SPLIT_DIRS = {"train": ("train",), "test": ("test", "val")}
+SIZE_SAMPLE = 256  # training images whose header sizes decide the cache's image size
+
+# The image size the running script asked for (--image-size; None: decided from the data).
+# common.train.setup_run sets it, so that every method script's load_split calls follow the
+# flag without passing it; an explicit load_split(image_size=...) wins.
+requested_image_size: int | None = None
+_warned: set[str] = set()  # caches whose resize warning this process printed (once each)
 
 
 class DataError(ValueError):
@@ -101,10 +118,13 @@ def load_split(
     cache_dir: str | Path | None = None,
     download: bool | None = None,
     include_unlabeled: bool = False,
+    image_size: int | None = None,
 ) -> ImageSet:
     """Load `split` ("train" or "test") of the dataset at `path` as uint8 tensors.
 
     include_unlabeled: for STL-10, append the 100k unlabelled images to "train" (pre-training).
+    image_size: the side S of every image (default: `requested_image_size`, else decided from
+    the data; module doc).
     download: when `path` holds no dataset, fetch CIFAR-10 there through torchvision. None (the
     default) downloads only into the default `./data`: a mistyped path is an error, not a
     download into a new folder.
@@ -113,6 +133,8 @@ def load_split(
         download = Path(path) == Path(DEFAULT_DATA)
     if split not in SPLIT_DIRS:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if download:  # every rank calls this: one per node fetches what is missing, others wait
+        download_once(lambda: _fetch_cifar(Path(path)))
     kind = detect(path)
     if kind == "missing":
         p = Path(path)
@@ -121,16 +143,18 @@ def load_split(
                 f"--data {path}: no dataset found (expected cifar-10-batches-py/, "
                 "cifar-100-python/, stl10_binary/, or train/ and test/ class folders)"
             )
-        if not download:
-            raise DataError(f"--data {path}: does not exist or is empty")
-        print(f"no dataset in {path}: downloading CIFAR-10 there (torchvision)", flush=True)
-        kind = "cifar10"
+        raise DataError(f"--data {path}: does not exist or is empty")
+    size = image_size or requested_image_size
     if kind in ("cifar10", "cifar100", "stl10"):
-        return _load_torchvision(Path(path), kind, split, download, include_unlabeled)
-    root = _build_cache(Path(path), kind, Path(cache_dir) if cache_dir else default_cache_dir())
+        data = _load_torchvision(Path(path), kind, split, download, include_unlabeled)
+        return _resize_set(data, size) if size and size != data.image_size else data
+    root = _build_cache(
+        Path(path), kind, Path(cache_dir) if cache_dir else default_cache_dir(), size
+    )
     meta = json.loads((root / "meta.json").read_text())
     if split not in meta["splits"]:
         raise DataError(f"--data {path}: has no {'/'.join(SPLIT_DIRS[split])} split")
+    _warn_resized(path, root, meta)
     images = _load_npy(root / f"{split}_images.npy")
     labels = torch.from_numpy(np.load(root / f"{split}_labels.npy")).long()
     return ImageSet(
@@ -151,6 +175,39 @@ def _channel_stats(images: np.ndarray | torch.Tensor) -> tuple[list[float], list
     return x.mean((0, 1, 2)).tolist(), x.std((0, 1, 2)).tolist()
 
 
+def _warn_resized(path, root: Path, meta: dict) -> None:
+    """One warning per cache and process: how many images were not of the cache's size."""
+    resized = meta.get("resized") or {}
+    n, total = sum(resized.values()), sum((meta.get("counts") or {}).values())
+    if n and str(root) not in _warned:
+        _warned.add(str(root))
+        s = meta["size"]
+        print(
+            f"warning: {n} of {total} images in {path} are not {s}x{s} px (the size of most): "
+            f"resized (shorter side) and centre-cropped to {s} px; --image-size sets the size",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _resize_set(data: ImageSet, size: int) -> ImageSet:
+    """A torchvision set (all of one size) at size x size (--image-size), with one warning."""
+    print(
+        f"warning: all {len(data)} images of {data.name} resized from {data.image_size} to "
+        f"{size} px (--image-size)",
+        file=sys.stderr,
+        flush=True,
+    )
+    from torchvision.transforms.v2 import functional as TF
+
+    out = torch.empty((len(data), size, size, 3), dtype=torch.uint8)
+    for i in range(0, len(data), 1024):  # [b, H, W, 3] -> [b, size, size, 3], in chunks
+        t = data.images[i : i + 1024].permute(0, 3, 1, 2)
+        t = TF.center_crop(TF.resize(t, size, antialias=True), [size, size])
+        out[i : i + 1024] = t.permute(0, 2, 3, 1)
+    return ImageSet(out, data.labels, data.classes, data.mean, data.std, data.name)
+
+
 # ---------------------------------------------------------------------------- torchvision sets
 def _load_torchvision(root: Path, kind: str, split: str, download: bool, unlabeled: bool):
     import torchvision.datasets as tvd
@@ -164,7 +221,7 @@ def _load_torchvision(root: Path, kind: str, split: str, download: bool, unlabel
             stats = tvd.STL10(root, split="train").data.transpose(0, 2, 3, 1)
         else:
             cls = tvd.CIFAR10 if kind == "cifar10" else tvd.CIFAR100
-            ds = cls(root, train=split == "train", download=download)
+            ds = cls(root, train=split == "train")  # (downloaded by load_split if asked)
             images, labels = ds.data, ds.targets
             stats = images if split == "train" else cls(root, train=True).data
     except (RuntimeError, OSError) as e:  # torchvision's "Dataset not found" / network errors
@@ -183,50 +240,153 @@ def _load_torchvision(root: Path, kind: str, split: str, download: bool, unlabel
     )
 
 
+def _fetch_cifar(root: Path) -> None:
+    """CIFAR-10 into an empty or missing `root`, or a check (and repair) of a torchvision
+    CIFAR-10/100 folder there; any other content is left for load_split to report."""
+    import torchvision.datasets as tvd
+
+    kind = detect(root)
+    if kind == "missing" and root.exists() and any(root.iterdir()):
+        return
+    if kind not in ("missing", "cifar10", "cifar100"):
+        return
+    made = not root.exists()
+    if kind == "missing":  # (stderr: stdout carries results)
+        print(f"no dataset in {root}: downloading CIFAR-10 there (torchvision)", file=sys.stderr)
+    cls = tvd.CIFAR100 if kind == "cifar100" else tvd.CIFAR10
+    try:
+        cls(root, train=True, download=True)  # the archive holds both splits
+    except (RuntimeError, OSError) as e:  # network errors: leave no empty folder behind
+        if made:
+            shutil.rmtree(root, ignore_errors=True)
+        raise DataError(
+            f"--data {root}: could not download {cls.__name__} ({e}). Without network access, "
+            "pass --data pointing at a local copy (a torchvision folder, an ImageFolder or a tarball)"
+        ) from e
+
+
+def download_once(fetch: Callable[[], object]) -> None:
+    """Run fetch() (a download into the data folder) in one process per node: under torchrun,
+    LOCAL_RANK 0 fetches and every other rank waits at a barrier, so that eight processes do
+    not download and unpack into the same folder at once. A failed fetch is raised on the
+    rank that ran it after the barrier; the others then fail to find the data, so every rank
+    stops with a DataError instead of waiting for a rank that died (the barrier's timeout is
+    --dist-timeout, 600 s by default: enough for CIFAR's 170 MB on a slow link)."""
+    from common import dist as D
+
+    error: BaseException | None = None
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        try:
+            fetch()
+        except Exception as e:  # raised below, after the others were released
+            error = e
+    D.barrier()
+    if error is not None:
+        raise error
+
+
 # ------------------------------------------------------------------- ImageFolder and tarballs
 def _source_key(src: Path) -> str:
-    """Identity of the source for the cache: path, sizes and mtimes (any change re-decodes)."""
-    h = hashlib.sha1(f"{CACHE_VERSION}:{src.resolve()}".encode())
+    """Identity of the source for the cache: path, sizes and mtimes (any change re-decodes).
+    Names are hashed as bytes (os.fsencode): a name that is not UTF-8 is still a name."""
+    h = hashlib.sha1(f"{CACHE_VERSION}:".encode() + os.fsencode(src.resolve()))
     if src.is_file():
         st = src.stat()
         h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
     else:
         for f in sorted(src.rglob("*")):
-            st = f.stat()
-            h.update(f"{f.relative_to(src)}:{st.st_size}:{st.st_mtime_ns}".encode())
+            try:
+                st = f.stat()
+            except OSError as e:  # a symlink loop (ELOOP), a link to nothing (ENOENT), ...
+                raise DataError(f"--data {src}: cannot read {_show(f)}: {_why(e)}") from None
+            h.update(os.fsencode(f.relative_to(src)) + f":{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
 
 
-def _build_cache(src: Path, kind: str, cache_dir: Path) -> Path:
+def _show(name) -> str:
+    """A file name fit to print: bytes that are not UTF-8 shown as \\xNN escapes."""
+    return os.fsencode(str(name)).decode("utf-8", "backslashreplace")
+
+
+def _why(e: OSError) -> str:
+    if e.errno == errno.ELOOP:
+        return "a symlink loop (too many levels of symbolic links)"
+    if e.errno == errno.ENOENT:
+        return "a broken symlink (its target does not exist)"
+    return os_error_reason(e) or str(e)
+
+
+def _cached_size(root: Path) -> int | None:
+    """The image side of a finished cache, or None when there is none."""
+    if not (root / "meta.json").exists():
+        return None
+    meta = json.loads((root / "meta.json").read_text())
+    if "size" in meta:
+        return meta["size"]
+    return int(np.load(root / "train_images.npy", mmap_mode="r").shape[1])  # older caches
+
+
+def _common_size(files: _Files) -> int:
+    """The most common (width, height) among up to SIZE_SAMPLE training images spread evenly
+    over the split (from the headers: nothing is decoded); its side when square, else 256."""
+    names = [n for (split, _), ns in sorted(files.items()) if split == "train" for n in ns]
+    step = max(1, len(names) / SIZE_SAMPLE)
+    sizes = Counter()
+    for name in (names[int(i * step)] for i in range(min(len(names), SIZE_SAMPLE))):
+        try:
+            from PIL import Image
+
+            with Image.open(io.BytesIO(files.peek(name))) as im:
+                sizes[im.size] += 1
+        except Exception:  # unreadable: the decode names it below
+            continue
+    if not sizes:
+        return 256
+    (w, h), _ = sizes.most_common(1)[0]
+    return w if w == h else 256
+
+
+def _build_cache(src: Path, kind: str, cache_dir: Path, size: int | None = None) -> Path:
     root = cache_dir / f"{src.name.split('.')[0]}-{_source_key(src)}"
+    if size is not None and _cached_size(root) not in (None, size):
+        root = root.with_name(f"{root.name}-{size}px")  # --image-size other than the data's
     if (root / "meta.json").exists():
         return root
     files = _list_tar(src) if kind == "tar" else _list_folder(src)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache_dir))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared by several users
+    size = size or _common_size(files)
     try:
-        classes = sorted({c for (_, c) in files})
-        size = None
-        meta = {"classes": classes, "splits": [], "source": str(src.resolve())}
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache_dir))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared by several users
+    except OSError as e:
+        raise DataError(
+            f"cannot write the decoded-image cache in {cache_dir}: {_why(e)}; "
+            "set SSL_CACHE_DIR to a writable folder"
+        ) from None
+    try:
+        # Class names as displayed (results, legends): bytes that are not UTF-8 escaped.
+        raw_classes = sorted({c for (_, c) in files})
+        classes = [_show(c) for c in raw_classes]
+        meta = {"classes": classes, "splits": [], "source": _show(src.resolve()), "size": size}
+        meta["resized"], meta["counts"] = {}, {}
         for split in ("train", "test"):
             items = sorted((k, v) for k, v in files.items() if k[0] == split)
             if not items:
                 continue
-            entries = [(name, classes.index(c)) for (_, c), names in items for name in names]
-            out = None  # allocated once the first image gives the size
+            entries = [(name, raw_classes.index(c)) for (_, c), names in items for name in names]
+            out = np.lib.format.open_memmap(
+                tmp / f"{split}_images.npy", "w+", np.uint8, (len(entries), size, size, 3)
+            )
+            _reserve(tmp / f"{split}_images.npy")
+            resized = 0
             for i, (name, _) in enumerate(entries):
                 img = _decode(name, files.read(name))
-                if size is None:
-                    size = img.shape[0] if img.shape[0] == img.shape[1] else 256
-                if out is None:
-                    out = np.lib.format.open_memmap(
-                        tmp / f"{split}_images.npy", "w+", np.uint8, (len(entries), size, size, 3)
-                    )
+                resized += img.shape[:2] != (size, size)
                 out[i] = _fit(img, size)
             out.flush()
             np.save(tmp / f"{split}_labels.npy", np.array([y for _, y in entries], np.int64))
             meta["splits"].append(split)
+            meta["resized"][split], meta["counts"][split] = resized, len(entries)
             if split == "train":
                 meta["mean"], meta["std"] = _channel_stats(out)
             del out
@@ -237,18 +397,39 @@ def _build_cache(src: Path, kind: str, cache_dir: Path) -> Path:
             os.rename(tmp, root)  # atomic: a concurrent or killed run never sees half a cache
         except OSError:  # another process finished first
             shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:  # writing the cache: disk full, quota, ...
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(
+            f"cannot write the decoded-image cache in {cache_dir}: {_why(e)}; "
+            "set SSL_CACHE_DIR to a folder with space"
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return root
 
 
-class _Files(dict):
-    """{(split, class): [names]} plus a way to read a name's bytes."""
+def _reserve(f: Path) -> None:
+    """Allocate the memory-mapped file's blocks now: a disk that cannot hold it fails here
+    with ENOSPC, not later as a SIGBUS when a write through the map finds no space."""
+    fd = os.open(f, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # (not every filesystem can)
+            raise
+    finally:
+        os.close(fd)
 
-    def __init__(self, read):
+
+class _Files(dict):
+    """{(split, class): [names]} plus a way to read a name's bytes (once: `read`, which may
+    drop them) or look at them (`peek`: the image-size sample)."""
+
+    def __init__(self, read, peek=None):
         super().__init__()
         self.read = read
+        self.peek = peek or read
 
 
 def _split_of(part: str) -> str | None:
@@ -259,7 +440,7 @@ def _split_of(part: str) -> str | None:
 
 
 def _list_folder(src: Path) -> _Files:
-    files = _Files(lambda name: Path(name).read_bytes())
+    files = _Files(_read_file)
     for split_dir in sorted(src.iterdir()):
         split = _split_of(split_dir.name)
         if split is None or not split_dir.is_dir():
@@ -274,9 +455,16 @@ def _list_folder(src: Path) -> _Files:
     return files
 
 
+def _read_file(name: str) -> bytes:
+    try:
+        return Path(name).read_bytes()
+    except OSError as e:  # a symlink loop, a broken link, no permission, an I/O error
+        raise DataError(f"cannot read image {_show(name)}: {_why(e)}") from None
+
+
 def _list_tar(src: Path) -> _Files:
     blobs: dict[str, bytes] = {}
-    files = _Files(blobs.pop)  # each image's bytes are read once, then dropped
+    files = _Files(blobs.pop, blobs.__getitem__)  # read once, then dropped
     try:
         with tarfile.open(src, "r:*") as tar:
             for m in tar:
@@ -313,7 +501,7 @@ def _decode(name: str, data: bytes) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as im:
             return np.asarray(im.convert("RGB"))  # palette, CMYK, RGBA, greyscale -> RGB
     except Exception as e:
-        raise DataError(f"cannot decode image {name}: {e}") from e
+        raise DataError(f"cannot decode image {_show(name)}: {e}") from None
 
 
 def _fit(img: np.ndarray, size: int) -> np.ndarray:

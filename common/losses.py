@@ -13,9 +13,10 @@ Three layers, top to bottom:
   environment variable SSL_NT_XENT = auto (default: the op when built) | ext | ref. Under
   `auto` a missing op (common/nt_xent_op.py or its built extension absent, as in a script
   copied into another project) falls back to the reference with one warning. Before its first
-  use on a device the op is compared with the fp64 reference (nt_xent_op.self_check); on a
-  mismatch `auto` warns once and uses the reference, `ext` raises. nt_xent_impl_used() names
-  the implementation of the last call, for a run's result line.
+  use on a device the op is compared with an fp64 reference in a child process with a timeout,
+  the verdict cached per machine (nt_xent_op.self_check); when it differs, or the child crashes
+  or hangs, `auto` warns once naming the cause and uses the reference, `ext` raises.
+  nt_xent_impl_used() names the implementation of the last call, for a run's result line.
 - `nt_xent_reference(...)`: the same contract in plain PyTorch, materialising R x C logits.
 """
 

@@ -26,6 +26,7 @@
 
 #include "nt_xent.h"
 #include "nt_xent_tile.h"
+#include "nt_xent_tiled.h"
 
 extern "C" {
 // `import common._C` loads this library, whose static initialisers register the ops with the
@@ -318,6 +319,78 @@ void bwd_impl(const acc_t* g, const acc_t* r, const acc_t* c, const int64_t* pos
   });
 }
 
+// g[k] = softmax(logit_k) * gs for one row of a chunk, logit_k = s[k] ri ic[k] (no self / pos
+// handling: the caller fixes those two entries).
+template <typename acc_t>
+inline void tiled_g_row(const acc_t* s, const acc_t* ic, acc_t ri, acc_t lse, acc_t gs, int64_t nc,
+                        acc_t* g) {
+#pragma omp simd
+  for (int64_t k = 0; k < nc; ++k)
+    g[k] = ntx::softmax_minus_onehot(s[k] * (ri * ic[k]), lse, false, false) * gs;
+}
+
+// ---- the tiled path's CPU elementwise kernels (nt_xent_tiled.h: the GEMMs are at::mm) ----
+struct CpuTiledEW {
+  // bf16/fp16 are computed from an fp32 copy (as the fused CPU kernels).
+  Tensor gemm_input(const Tensor& x) const {
+    return x.to(acc_type_of(x.scalar_type())).contiguous();
+  }
+  void check_indices(const Tensor& pos, const Tensor& self, int64_t C) const {
+    check_index_range(pos, C, "pos_idx");  // host memory: no sync to avoid on the CPU
+    check_index_range(self, C, "self_idx");
+  }
+  // The fused CPU kernels' tile update (fwd_tile), on row blocks of the [R, nc] chunk.
+  void fwd_chunk(const Tensor& S, int64_t j0, const Tensor& inv_r, const Tensor& inv_c,
+                 double inv_t, const Tensor& self, const Tensor& pos, Tensor& m, Tensor& l,
+                 Tensor& pl) const {
+    const int64_t R = S.size(0), nc = S.size(1);
+    AT_DISPATCH_FLOATING_TYPES(S.scalar_type(), "nt_xent_tiled_fwd_chunk_cpu", [&] {
+      scalar_t* s = S.data_ptr<scalar_t>();  // a temporary of the caller: scaled in place
+      scalar_t* pm = m.data_ptr<scalar_t>();
+      scalar_t* pls = l.data_ptr<scalar_t>();
+      scalar_t* ppl = pl.data_ptr<scalar_t>();
+      const scalar_t* ir = inv_r.data_ptr<scalar_t>();
+      const scalar_t* ic = inv_c.data_ptr<scalar_t>();
+      const int64_t* ps = self.data_ptr<int64_t>();
+      const int64_t* pp = pos.data_ptr<int64_t>();
+      at::parallel_for(0, R, 64, [&](int64_t b, int64_t e) {
+        std::vector<ntx::LseState<scalar_t>> st(e - b);
+        for (int64_t i = b; i < e; ++i) st[i - b] = {pm[i], pls[i]};
+        fwd_tile(s + b * nc, e - b, nc, b, j0, ir, ic, scalar_t(inv_t), ps, pp, st.data(),
+                 ppl + b);
+        for (int64_t i = b; i < e; ++i) {
+          pm[i] = st[i - b].m;
+          pls[i] = st[i - b].l;
+        }
+      });
+    });
+  }
+  void bwd_chunk(const Tensor& S, Tensor& G, int64_t j0, const Tensor& inv_r,
+                 const Tensor& inv_c, double inv_t, const Tensor& self, const Tensor& pos,
+                 const Tensor& lse, double gscale) const {
+    const int64_t R = S.size(0), nc = S.size(1);
+    AT_DISPATCH_FLOATING_TYPES(S.scalar_type(), "nt_xent_tiled_bwd_chunk_cpu", [&] {
+      const scalar_t* s = S.data_ptr<scalar_t>();
+      scalar_t* g = G.data_ptr<scalar_t>();  // G is in acc_t on the CPU (fp32 copies)
+      const scalar_t* ir = inv_r.data_ptr<scalar_t>();
+      const scalar_t* ic = inv_c.data_ptr<scalar_t>() + j0;
+      const scalar_t* li = lse.data_ptr<scalar_t>();
+      const int64_t* ps = self.data_ptr<int64_t>();
+      const int64_t* pp = pos.data_ptr<int64_t>();
+      const scalar_t gs = scalar_t(gscale);
+      at::parallel_for(0, R, 64, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) {
+          scalar_t* gi = g + i * nc;
+          tiled_g_row(s + i * nc, ic, ir[i] * scalar_t(inv_t), li[i], gs, nc, gi);
+          const int64_t sj = ps[i] - j0, pj = pp[i] - j0;
+          if (sj >= 0 && sj < nc) gi[sj] = 0;  // the self column: exactly zero
+          if (pj >= 0 && pj < nc) gi[pj] -= gs;  // the onehot(pos) term
+        }
+      });
+    });
+  }
+};
+
 }  // namespace
 
 // Returns (loss [R], lse [R], inv_r [R], inv_c [C]), all in the accumulation dtype.
@@ -376,6 +449,27 @@ std::tuple<Tensor, Tensor> nt_xent_bwd_cpu(const Tensor& grad_loss, const Tensor
   return {gr.to(rows.scalar_type()), gc.to(cols.scalar_type())};
 }
 
+std::tuple<Tensor, Tensor, Tensor, Tensor> nt_xent_tiled_fwd_cpu(const Tensor& rows,
+                                                                 const Tensor& cols,
+                                                                 const Tensor& pos_idx,
+                                                                 const Tensor& self_idx,
+                                                                 double temperature,
+                                                                 int64_t chunk) {
+  const at::AutoDispatchBelowADInplaceOrView no_autograd;  // inner ATen ops: no graph
+  return tiled::fwd(CpuTiledEW{}, rows, cols, pos_idx, self_idx, temperature, chunk);
+}
+
+std::tuple<Tensor, Tensor> nt_xent_tiled_bwd_cpu(const Tensor& grad_loss, const Tensor& rows,
+                                                 const Tensor& cols, const Tensor& pos_idx,
+                                                 const Tensor& self_idx, const Tensor& lse,
+                                                 const Tensor& inv_r, const Tensor& inv_c,
+                                                 double temperature, int64_t chunk,
+                                                 bool need_rows, bool need_cols) {
+  const at::AutoDispatchBelowADInplaceOrView no_autograd;
+  return tiled::bwd(CpuTiledEW{}, grad_loss, rows, cols, pos_idx, self_idx, lse, inv_r, inv_c,
+                    temperature, chunk, need_rows, need_cols);
+}
+
 TORCH_LIBRARY(ssl_ops, m) {
   // loss, lse, inv_r, inv_c = nt_xent_fwd(rows, cols, pos_idx, self_idx, T)
   m.def(
@@ -388,11 +482,21 @@ TORCH_LIBRARY(ssl_ops, m) {
       "nt_xent_bwd(Tensor grad_loss, Tensor rows, Tensor cols, Tensor pos_idx, Tensor self_idx,"
       " Tensor lse, Tensor inv_r, Tensor inv_c, float temperature, bool need_rows=True,"
       " bool need_cols=True) -> (Tensor, Tensor)");
+  // The tiled path (nt_xent_tiled.h): the same contract, columns in chunks of `chunk`.
+  m.def(
+      "nt_xent_tiled_fwd(Tensor rows, Tensor cols, Tensor pos_idx, Tensor self_idx,"
+      " float temperature, int chunk) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "nt_xent_tiled_bwd(Tensor grad_loss, Tensor rows, Tensor cols, Tensor pos_idx,"
+      " Tensor self_idx, Tensor lse, Tensor inv_r, Tensor inv_c, float temperature, int chunk,"
+      " bool need_rows=True, bool need_cols=True) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(ssl_ops, CPU, m) {
   m.impl("nt_xent_fwd", &nt_xent_fwd_cpu);
   m.impl("nt_xent_bwd", &nt_xent_bwd_cpu);
+  m.impl("nt_xent_tiled_fwd", &nt_xent_tiled_fwd_cpu);
+  m.impl("nt_xent_tiled_bwd", &nt_xent_tiled_bwd_cpu);
 }
 
 }  // namespace ssl_ops

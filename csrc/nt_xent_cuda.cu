@@ -64,6 +64,17 @@ inline int ntx_sm_count() {
 }
 #define NTX_SM_COUNT() ntx_sm_count()
 
+// Blocks of 128 threads of `kernel` that fit on one SM, from the compiled kernel's registers and
+// shared memory (the occupancy calculator; a host-side query, no device work, no sync).
+template <typename K>
+int ntx_resident_blocks(K* kernel) {
+  int n = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &n, reinterpret_cast<const void*>(kernel), 128, 0));
+  return n > 0 ? n : 1;
+}
+#define NTX_RESIDENT_BLOCKS(kernel) ntx_resident_blocks(kernel)
+
 #include "nt_xent_kernels.cuh"
 
 namespace ssl_ops {
@@ -88,9 +99,43 @@ std::tuple<Tensor, Tensor> nt_xent_bwd_cuda(const Tensor& grad_loss, const Tenso
                                      temperature, need_rows, need_cols);
 }
 
+// Test hook of the first-use check (common/nt_xent_op.py): n > 0 forces n column splits in every
+// launch (clamped to the tiles), 0 restores the heuristic; returns the previous value.
+int64_t set_splits(int64_t n) {
+  const int64_t old = cuda_impl::split_override();
+  cuda_impl::split_override() = n;
+  return old;
+}
+
+TORCH_LIBRARY_FRAGMENT(ssl_ops, m) {
+  m.def("set_splits(int n) -> int", &set_splits);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> nt_xent_tiled_fwd_cuda(
+    const Tensor& rows, const Tensor& cols, const Tensor& pos_idx, const Tensor& self_idx,
+    double temperature, int64_t chunk) {
+  const c10::cuda::CUDAGuard guard(rows.device());
+  const at::AutoDispatchBelowADInplaceOrView no_autograd;  // inner ATen ops: no graph
+  return cuda_impl::nt_xent_tiled_fwd_impl(rows, cols, pos_idx, self_idx, temperature, chunk);
+}
+
+std::tuple<Tensor, Tensor> nt_xent_tiled_bwd_cuda(const Tensor& grad_loss, const Tensor& rows,
+                                                  const Tensor& cols, const Tensor& pos_idx,
+                                                  const Tensor& self_idx, const Tensor& lse,
+                                                  const Tensor& inv_r, const Tensor& inv_c,
+                                                  double temperature, int64_t chunk,
+                                                  bool need_rows, bool need_cols) {
+  const c10::cuda::CUDAGuard guard(rows.device());
+  const at::AutoDispatchBelowADInplaceOrView no_autograd;
+  return cuda_impl::nt_xent_tiled_bwd_impl(grad_loss, rows, cols, pos_idx, self_idx, lse, inv_r,
+                                           inv_c, temperature, chunk, need_rows, need_cols);
+}
+
 TORCH_LIBRARY_IMPL(ssl_ops, CUDA, m) {
   m.impl("nt_xent_fwd", &nt_xent_fwd_cuda);
   m.impl("nt_xent_bwd", &nt_xent_bwd_cuda);
+  m.impl("nt_xent_tiled_fwd", &nt_xent_tiled_fwd_cuda);
+  m.impl("nt_xent_tiled_bwd", &nt_xent_tiled_bwd_cuda);
 }
 
 }  // namespace ssl_ops

@@ -1,12 +1,15 @@
 #!/bin/bash
-# The README's "Every method, every protocol" results on CIFAR-10 (CPU): pre-train every
-# method for the same wall-clock budget, run every evaluation protocol on each run and on the
-# random-init baselines, then regenerate the README's tables and docs/tsne_cpu.png.
+# The "Every method, every protocol" results on CIFAR-10 (CPU) of docs/results_cpu.md: pre-train
+# every method for the same wall-clock budget, run every evaluation protocol on each run and on
+# the random-init baselines, then regenerate docs/results_cpu.md's tables, the README's summary
+# and docs/tsne_cpu.png. ("lecture": the course whose syllabus the repo implements, see
+# docs/results_cpu.md.)
 #
 #   bash scripts/lecture.sh pretrain   # 6 methods x 6 min + context's neighbour-only ablation
 #                                      # + MAE's 4 maskings x 3 epochs: ~55 min on 2 cores
 #   bash scripts/lecture.sh evaluate   # every protocol for every run: ~50 min on 2 cores
-#   bash scripts/lecture.sh tables     # README tables (between <!-- results:lecture_* -->)
+#   bash scripts/lecture.sh tables     # docs/results_cpu.md's tables (<!-- results:lecture_* -->),
+#                                      # the README's summary (<!-- results:summary -->)
 #   bash scripts/lecture.sh            # all three
 #
 # Runs go side by side, JOBS at a time (default 2, one core each: OMP_NUM_THREADS=1). A step
@@ -101,11 +104,14 @@ evaluate() {
 tables() {
   local runs=()
   for m in $METHODS; do runs+=("$R/$m"); done
-  python results_table.py "${runs[@]}" "$R/context_neighbour_only" --only pretrain linear --update README.md --marker lecture_probe
+  # Commands are listed under each table in the page, not in a column (--no-commands).
+  local doc=(--no-commands --update docs/results_cpu.md)
+  python results_table.py "${runs[@]}" "$R/context_neighbour_only" --only pretrain linear "${doc[@]}" --marker lecture_probe
   for p in cluster finetune transfer robustness; do
-    python results_table.py "${runs[@]}" --only "$p" --update README.md --marker "lecture_$p"
+    python results_table.py "${runs[@]}" --only "$p" "${doc[@]}" --marker "lecture_$p"
   done
-  python results_table.py "$R"/mae_{random0.75,block0.5,block0.75,grid0.75} --only pretrain linear finetune --update README.md --marker mae_ablation
+  python results_table.py "$R"/mae_{random0.75,block0.5,block0.75,grid0.75} --only pretrain linear finetune "${doc[@]}" --marker mae_ablation
+  python results_table.py "${runs[@]}" --narrow --update README.md --marker summary
 }
 
 case ${1:-all} in

@@ -121,13 +121,14 @@ def test_crop_and_flip_match_torchvision_per_image(size):
         assert diff < 1e-5, f"image {i}: max diff {diff}"
 
 
+@pytest.mark.parametrize("masked", [False, True])  # the CPU path and the CUDA (torch.where) one
 @pytest.mark.parametrize("size,blur", [(32, 0.0), (64, 1.0)])
-def test_jitter_gray_blur_match_torchvision_per_image(size, blur):
+def test_jitter_gray_blur_match_torchvision_per_image(size, blur, masked):
     cfg = AugConfig(size, blur_p=blur, jitter_p=0.9, gray_p=0.3)
     imgs = torch.rand(48, 3, size, size)
     p = sample_params(cfg, len(imgs), size, size, torch.Generator().manual_seed(3))
     p["boxes"][:] = torch.tensor([0, 0, size, size])  # identity crop: isolate the colour ops
-    ours = apply_params(imgs, p, cfg)
+    ours = apply_params(imgs, p, cfg, masked=masked)
     for i in range(len(imgs)):
         diff = (ours[i] - _tv_reference(imgs[i], p, i, cfg)).abs().max().item()
         assert diff < 1e-4, f"image {i}: max diff {diff}"  # fp32 rounding of the HSV maths
@@ -145,3 +146,13 @@ def test_full_pipeline_shapes_and_determinism():
     g = torch.Generator().manual_seed(0)
     v1, v2 = aug(u8, g), aug(u8, g)
     assert (v1 - v2).abs().flatten(1).max(1).values.min() > 0
+
+
+def test_masked_path_equals_the_gathering_path():
+    """The sync-free path (every op on the whole batch, torch.where) gives the same images."""
+    cfg = AugConfig(32, blur_p=0.5, jitter_p=0.8, gray_p=0.2)
+    imgs = torch.rand(64, 3, 40, 40)
+    p = sample_params(cfg, len(imgs), 40, 40, torch.Generator().manual_seed(5))
+    a = apply_params(imgs, p, cfg, masked=False)
+    b = apply_params(imgs, p, cfg, masked=True)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -2,6 +2,7 @@
 stops with a message naming the problem."""
 
 import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,3 +77,64 @@ def test_bad_data_messages(image_folder, tmp_path):
     (image_folder / "train" / "bird").mkdir()
     with pytest.raises(DataError, match="bird holds no images"):
         load_split(image_folder, "train", cache_dir=cache)
+
+
+def test_image_size_is_the_most_common_not_the_first(tmp_path, capsys):
+    """One odd image sorting first (a 1x1 icon) neither sets the size nor goes unnoticed: the
+    most common size of a sample wins, and one warning counts the resized images; in a
+    tarball too (its sample is read without consuming the bytes)."""
+    root = tmp_path / "set"
+    for i in range(6):
+        write_image(root / "train" / "a" / f"{i}.png", (24, 24), seed=i)
+        write_image(root / "test" / "a" / f"{i}.png", (24, 24), seed=10 + i)
+    write_image(root / "train" / "a" / "!icon.png", (1, 1))
+    tr = load_split(root, "train", cache_dir=tmp_path / "c")
+    te = load_split(root, "test", cache_dir=tmp_path / "c")
+    assert tr.image_size == te.image_size == 24 and len(tr) == 7
+    warnings = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning:")]
+    assert len(warnings) == 1 and "1 of 13 images" in warnings[0] and "24x24" in warnings[0]
+    tar_path = tmp_path / "set.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        tar.add(root, arcname="set")
+    tr_tar = load_split(tar_path, "train", cache_dir=tmp_path / "c2")
+    assert torch.equal(tr_tar.images, tr.images)
+
+
+def test_image_size_flag_keeps_its_own_cache(tmp_path):
+    root = tmp_path / "set"
+    for i in range(3):
+        write_image(root / "train" / "a" / f"{i}.png", (16, 16), seed=i)
+    auto = load_split(root, "train", cache_dir=tmp_path / "c")
+    same = load_split(root, "train", cache_dir=tmp_path / "c", image_size=16)
+    big = load_split(root, "train", cache_dir=tmp_path / "c", image_size=20)
+    assert auto.image_size == same.image_size == 16 and big.image_size == 20
+    assert torch.equal(auto.images, same.images)
+    assert len(list((tmp_path / "c").iterdir())) == 2  # the auto cache, reused at 16; one at 20
+
+
+def test_links_and_names(tmp_path):
+    """A symlink loop or a broken link is named; a name that is not UTF-8 is just a name (its
+    class shown with escapes)."""
+    import os
+
+    root = tmp_path / "set"
+    write_image(root / "train" / "a" / "0.png", (8, 8))
+    os.mkdir(os.fsdecode(bytes(root / "train") + b"/b\xe9"))
+    write_image(Path(os.fsdecode(bytes(root / "train") + b"/b\xe9/\xff.png")), (8, 8))
+    tr = load_split(root, "train", cache_dir=tmp_path / "c")
+    assert len(tr) == 2 and tr.classes == ["a", "b\\xe9"]
+    (root / "train" / "a" / "loop.png").symlink_to("loop.png")
+    with pytest.raises(DataError, match="loop.png: a symlink loop"):
+        load_split(root, "train", cache_dir=tmp_path / "c")
+    (root / "train" / "a" / "loop.png").unlink()
+    (root / "train" / "a" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(DataError, match="gone.png: a broken symlink"):
+        load_split(root, "train", cache_dir=tmp_path / "c")
+
+
+def test_unwritable_cache_is_one_clear_error(tmp_path):
+    root = tmp_path / "set"
+    write_image(root / "train" / "a" / "0.png", (8, 8))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match="cannot write the decoded-image cache .*SSL_CACHE_DIR"):
+        load_split(root, "train", cache_dir=tmp_path / "file" / "cache")

@@ -87,3 +87,50 @@ def test_the_check_catches_a_local_only_gather(tmp_path, single):
     assert r0["loss"] == pytest.approx(single["loss"], rel=1e-5)  # the loss looks right...
     err = max(rel_err(r0["grads"][k], g) for k, g in single["grads"].items())
     assert err > 1e-2  # ...but the gradients are wrong, and the test above would fail
+
+
+def fake_download(rank, world, root):
+    """load_split on a fresh default-like folder with torchvision's CIFAR10 replaced by a fake
+    whose download takes a while: only local rank 0 may download; rank 1 must wait for it."""
+    import time
+    from pathlib import Path
+
+    import numpy as np
+    import torchvision.datasets as tvd
+
+    from common.data import DataError, load_split
+
+    class FakeCIFAR10:
+        classes = [str(i) for i in range(10)]
+
+        def __init__(self, root, train=True, download=False):
+            f = Path(root) / "cifar-10-batches-py" / "fake.npy"
+            if download and "offline" in str(root):
+                time.sleep(1.0)
+                raise RuntimeError("Error downloading cifar-10-python.tar.gz")
+            if download:
+                Path(root).mkdir(parents=True, exist_ok=True)
+                (Path(root) / f"downloaded-by-{rank}").touch()
+                time.sleep(1.0)  # a rank that did not wait would find nothing
+                f.parent.mkdir(parents=True, exist_ok=True)
+                np.save(f, np.full((4, 8, 8, 3), 7, np.uint8))
+            if not f.exists():
+                raise RuntimeError("Dataset not found or corrupted.")
+            self.data, self.targets = np.load(f), [0, 1, 2, 3]
+
+    tvd.CIFAR10 = FakeCIFAR10
+    try:  # a failed download: every rank stops with a DataError, none waits for ever
+        load_split(root + "-offline", "train", download=True)
+        failed = None
+    except DataError as e:
+        failed = str(e)
+    train = load_split(root, "train", download=True)
+    return train.images.shape, int(train.images[0, 0, 0, 0]), failed
+
+
+def test_local_rank_0_downloads_the_others_wait(tmp_path):
+    root = tmp_path / "data"
+    out = run_distributed(fake_download, 2, tmp_path, root=str(root))
+    assert [o[:2] for o in out] == [(torch.Size([4, 8, 8, 3]), 7)] * 2
+    assert "could not download" in out[0][2] and "does not exist" in out[1][2]
+    assert sorted(p.name for p in root.glob("downloaded-by-*")) == ["downloaded-by-0"]

@@ -19,7 +19,8 @@ SCRIPT = ROOT / "bench" / "gpu_check.sh"
 
 
 def _fake_cuda_home(tmp_path: Path, release: str) -> Path:
-    """A CUDA_HOME whose bin/nvcc only answers --version with `release`."""
+    """A CUDA_HOME whose bin/nvcc only answers --version with `release` (with the header and
+    library that make it look like a toolkit root)."""
     home = tmp_path / f"cuda-{release}"
     (home / "bin").mkdir(parents=True)
     nvcc = home / "bin" / "nvcc"
@@ -28,6 +29,11 @@ def _fake_cuda_home(tmp_path: Path, release: str) -> Path:
         f"echo 'Cuda compilation tools, release {release}, V{release}.1'\n"
     )
     nvcc.chmod(nvcc.stat().st_mode | stat.S_IEXEC)
+    # what setup.py's toolkit search requires of a root (so the script takes this one)
+    (home / "include").mkdir()
+    (home / "include" / "cuda_runtime.h").write_text("")
+    (home / "lib64").mkdir()
+    (home / "lib64" / "libcudart.so").write_text("")
     return home
 
 
@@ -106,3 +112,38 @@ def test_bench_dry_run_rejects_bad_arguments():
         timeout=120,
     )
     assert res.returncode != 0 and "fast" in res.stderr
+
+
+@pytest.mark.parametrize(
+    "summary,gpu,ok",
+    [
+        ("39 skipped in 2.1s", 1, False),  # every CUDA test skipped on a GPU machine: a failure
+        ("38 passed, 1 skipped in 9.0s", 1, False),
+        ("39 passed in 9.0s", 1, True),
+        ("39 skipped in 2.1s", 0, True),  # no GPU: skipping is right
+        ("2 failed, 37 passed in 9.0s", 1, False),
+        ("no tests ran in 0.1s", 1, False),
+    ],
+)
+def test_cuda_test_verdict(tmp_path, summary, gpu, ok):
+    """test_cuda's verdict on a pytest log (GPU_CHECK_VERDICT hook: the script's own function)."""
+    log = tmp_path / "test_cuda.log"
+    log.write_text(f"sss\n{summary}\n")
+    res = subprocess.run(
+        ["bash", str(SCRIPT)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, GPU_CHECK_VERDICT=str(log), GPU_VISIBLE=str(gpu)),
+        timeout=60,
+    )
+    assert (res.returncode == 0) == ok, res.stdout
+
+
+def test_dry_run_names_the_install_and_toolkit_steps(tmp_path):
+    """A Python without a CUDA torch gets one installed; without a toolkit, the nvcc wheels
+    (said in the dry run); the venv's bin directory is searched first."""
+    res, summary = _run(tmp_path, torch.version.cuda or "13.0", GPU_CHECK_STOP_AFTER_ENV="1")
+    assert "gpu visible:" in summary
+    if torch.version.cuda is None:
+        assert "would pip install torch --index-url" in summary
+    assert "toolkit" in summary

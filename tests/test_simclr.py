@@ -78,8 +78,8 @@ def test_linear_probe_cli_prints_json(cifar_tar, tmp_path):
         (["--data", "/definitely/missing"], "does not exist"),
         (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
         (["--batch-size", "0"], "--batch-size must be > 0"),
-        (["--lr", "-1"], "--lr must be in [0, inf]"),
-        (["--temperature", "0"], "--temperature must be in (0, inf]"),
+        (["--lr", "-1"], "--lr must be in [0, inf)"),
+        (["--temperature", "0"], "--temperature must be in (0, inf)"),
         (["--batch-size", "4096"], "larger than the training set"),
         (["--blur", "2"], "--blur must be in [0, 1]"),
     ],
@@ -107,14 +107,14 @@ def test_bad_input_stops_with_one_clear_message(cifar_tar, tmp_path, argv, msg):
     "argv,msg",
     [
         (["--blur", "-0.1"], "--blur must be in [0, 1]"),
-        (["--jitter-strength=-1"], "--jitter-strength must be in [0, inf]"),
+        (["--jitter-strength=-1"], "--jitter-strength must be in [0, inf)"),
         (["--momentum", "1"], "--momentum must be in [0, 1)"),
-        (["--lars-eta", "0"], "--lars-eta must be in (0, inf]"),
-        (["--lr", "nan"], "--lr must be in [0, inf]"),
-        (["--weight-decay=-1e-4"], "--weight-decay must be in [0, inf]"),
-        (["--warmup-epochs", "inf"], "--warmup-epochs must be in [0, inf]"),
-        (["--ckpt-minutes=-1"], "--ckpt-minutes must be in [0, inf]"),
-        (["--temperature", "nan"], "--temperature must be in (0, inf]"),
+        (["--lars-eta", "0"], "--lars-eta must be in (0, inf)"),
+        (["--lr", "nan"], "--lr must be in [0, inf)"),
+        (["--weight-decay=-1e-4"], "--weight-decay must be in [0, inf)"),
+        (["--warmup-epochs", "inf"], "--warmup-epochs must be in [0, inf)"),
+        (["--ckpt-minutes=-1"], "--ckpt-minutes must be in [0, inf)"),
+        (["--temperature", "nan"], "--temperature must be in (0, inf)"),
         (["--proj-dim", "0"], "--proj-dim must be > 0"),
     ],
 )
@@ -323,3 +323,64 @@ def test_torchrun_two_processes(cifar_tar, tmp_path):
     assert state["step"] == 1024 // 128  # the global batch is split, not duplicated
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["steps"] == 8 and 10 < res["knn_top1"] < 100
+
+
+def test_gpu_preset_is_the_official_recipe_and_flags_work_everywhere():
+    """run.py's num_proj_layers=3 head and its ResNet's zero-initialised last BN per block in
+    the gpu preset; --proj-layers / --zero-init-residual / --compile for every preset."""
+    gpu = apply_preset(simclr.get_args_parser().parse_args(["--preset", "gpu"]), simclr.PRESETS)
+    assert (gpu.proj_layers, gpu.zero_init_residual, gpu.compile) == (3, True, True)
+    assert (gpu.batch_size, gpu.epochs, gpu.temperature, gpu.weight_decay) == (512, 1000, 0.5, 1e-4)
+    argv = ["--preset", "tiny", "--proj-layers", "3", "--zero-init-residual", "--compile"]
+    tiny = apply_preset(simclr.get_args_parser().parse_args(argv), simclr.PRESETS)
+    assert (tiny.proj_layers, tiny.zero_init_residual, tiny.compile) == (3, True, True)
+    argv = ["--preset", "gpu", "--no-zero-init-residual", "--no-compile"]
+    off = apply_preset(simclr.get_args_parser().parse_args(argv), simclr.PRESETS)
+    assert (off.zero_init_residual, off.compile) == (False, False)
+
+    backbone = simclr.build_backbone("resnet18", "cifar", 8, zero_init_residual=True)
+    model = simclr.SimCLR(backbone, 16, proj_layers=3)
+    linears = [m for m in model.head if isinstance(m, torch.nn.Linear)]
+    bns = [m for m in model.head if isinstance(m, torch.nn.BatchNorm1d)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(64, 64), (64, 64), (64, 16)]
+    assert len(bns) == 3 and all(m.bias is None for m in linears)
+    for block in (*backbone.layer1, *backbone.layer2, *backbone.layer3, *backbone.layer4):
+        assert torch.count_nonzero(block.bn2.weight) == 0 and torch.all(block.bn1.weight == 1)
+    x = torch.randn(4, 8, 8, 8)
+    block = backbone.layer1[0].eval()
+    assert torch.equal(block(x), torch.relu(x))  # each block starts as the identity (+ ReLU)
+
+
+def test_compile_falls_back_to_eager_with_one_warning(monkeypatch):
+    from common.train import compile_model
+
+    def broken_compile(model):
+        def fn(*a, **k):
+            raise RuntimeError("no C compiler")
+
+        return fn
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    model = torch.nn.Linear(3, 2)
+    fwd = compile_model(model, True)
+    x = torch.randn(4, 3)
+    with pytest.warns(UserWarning, match="torch.compile failed .*no C compiler.*eagerly"):
+        y = fwd(x)
+    assert torch.equal(y, model(x))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        assert torch.equal(fwd(x), model(x))
+    assert compile_model(model, False) is model
+
+
+@pytest.mark.slow
+def test_tiny_run_compiled_on_cpu(cifar_tar, tmp_path):
+    """--compile on CPU (inductor's C++ backend): a tiny run trains, with no fallback."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="torch.compile")
+        res = run_simclr(cifar_tar, tmp_path, "--compile", "--max-steps", "4")
+    assert res["steps"] == 4 and res["stopped"] == "max_steps"
