@@ -27,6 +27,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 from common import dist as D
 
@@ -117,8 +118,10 @@ def nt_xent_rows(
             _IMPL_USED = "ref (fallback: not built)"
             return nt_xent_reference(rows, cols, pos_idx, self_idx, temperature)
         if nt_xent_op.available(rows.device):
-            # first use on this device in this process: compare with the fp64 reference
-            why = nt_xent_op.self_check(rows.device, rows.shape[1])
+            # first use on this device in this process: compare with the fp64 reference.
+            # Fake tensors (tracing; tests on device 'cuda' without a GPU) hold no data and
+            # may have no device behind them: the check waits for the first real call.
+            why = None if is_fake(rows) else nt_xent_op.self_check(rows.device, rows.shape[1])
             if why is None:
                 _IMPL_USED = "ext"
                 return nt_xent_op.nt_xent_fused(rows, cols, pos_idx, self_idx, temperature)

@@ -5,6 +5,7 @@ import copy
 import json
 import math
 
+import pytest
 import torch
 
 import simclr
@@ -51,6 +52,7 @@ def test_positive_hits_matches_a_brute_force_reference():
     assert simclr.positive_hits(z, z.clone()) == 20  # identical views: all found
 
 
+@pytest.mark.slow  # its own tiny SimCLR run (~1 min); .ci/run runs it
 def test_tiny_run_logs_the_bound_and_beats_untrained_on_the_pretext(
     cifar_tar, tmp_path, monkeypatch
 ):
