@@ -64,6 +64,12 @@ def get_args_parser():
         help="probe the pooled output of ResNet stage 1-4 instead of the final features",
     )
     p.add_argument(
+        "--head",
+        action="store_true",
+        help="probe the projection head's output z = g(h) instead of h (SimCLR's Figure 8; "
+        "for methods whose script defines build_head)",
+    )
+    p.add_argument(
         "--upsample",
         type=float,
         default=1.0,
@@ -171,6 +177,21 @@ def read_checkpoint(run: str | Path) -> dict:
         ) from None
 
 
+def with_head(backbone: torch.nn.Module, state: dict, random_init: bool) -> torch.nn.Module:
+    """backbone followed by the run's projection head g, built by the method script's
+    build_head(config, feat_dim) (method code stays in its script): features z = g(h)."""
+    import importlib
+
+    method = state["method"]
+    build = getattr(importlib.import_module(method), "build_head", None)
+    if build is None:
+        raise ValueError(f"--head: {method} has no projection head to probe")
+    head = build(state["config"], backbone.feat_dim)
+    if not random_init:
+        head.load_state_dict(state["head"])
+    return torch.nn.Sequential(backbone, head)
+
+
 def train_linear(x, y, num_classes, lr, wd, epochs, batch_size, seed) -> torch.nn.Linear:
     """SGD (momentum 0.9, cosine schedule) on features x [N, D] with labels y [N]."""
     gen = torch.Generator().manual_seed(seed)
@@ -243,8 +264,12 @@ def main(args):
     backbone = backbone_from_config(cfg)
     if args.layer is not None and not hasattr(backbone, "layer4"):
         raise ValueError("--layer applies to ResNet backbones only")
+    if args.head and (args.layer is not None or args.upsample != 1):
+        raise ValueError("--head probes the head's output: without --layer or --upsample")
     if not args.random_init:
         backbone.load_state_dict(state["backbone"])
+    if args.head:  # (after the trunk's weights: the head loads its own)
+        backbone = with_head(backbone, state, args.random_init)
     device = D.init_distributed(args.device)
     backbone.to(device)
     data, size = checkpoint_data(args.data, cfg)
@@ -267,6 +292,7 @@ def main(args):
         "backbone": cfg["backbone"],
         "width": cfg.get("width"),
         "layer": args.layer,
+        "head": args.head,
         "upsample": args.upsample,
         "epochs": cfg.get("epochs"),
         "data": str(data),
@@ -282,6 +308,7 @@ def main(args):
         if args.save:  # next to the checkpoint, where results_table.py looks for it
             name = "eval_linear" + ("_random_init" if args.random_init else "")
             name += f"_layer{args.layer}" if args.layer else ""
+            name += "_head" if args.head else ""
             name += f"_x{args.upsample:g}" if args.upsample != 1 else ""
             # (the result is printed above: a full disk costs the file, not the numbers)
             write_text_atomic(run_folder(args.run) / f"{name}.json", json.dumps(result) + "\n")

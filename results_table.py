@@ -43,6 +43,9 @@ from common.outputs import WriteError, check_output_file, write_text_atomic
 COLUMNS = [
     ("config", "mask_type", "mask", "{}"),  # MAE's masking (the ablation), from the checkpoint
     ("config", "mask_ratio", "mask ratio", "{:.2f}"),
+    ("config", "aug", "augmentations", "{}"),  # SimCLR's ablations (--config aug ...)
+    ("config", "proj_layers", "head layers", "{}"),
+    ("config", "batch_size", "batch", "{}"),
     ("pretrain", "pretext_top1", "pretext top-1", "{:.1f}"),
     ("pretrain", "recon_loss", "recon loss", "{:.4f}"),
     ("pretrain", "recon_loss_random75", "recon loss (random 75%)", "{:.4f}"),
@@ -105,10 +108,11 @@ def read_json(path: Path) -> list[dict]:
     return out
 
 
-def run_config(folder: Path, method: str | None) -> dict:
-    """The config values CONFIG_KEYS names for this method, from RUN/checkpoint.pt (the one
-    place a run's config is kept); {} for other methods or without a checkpoint."""
-    keys = CONFIG_KEYS.get(method or "")
+def run_config(folder: Path, method: str | None, keys: list[str] | None = None) -> dict:
+    """The config values CONFIG_KEYS names for this method (or `keys`, --config), from
+    RUN/checkpoint.pt (the one place a run's config is kept); {} for other methods or without
+    a checkpoint."""
+    keys = keys if keys is not None else CONFIG_KEYS.get(method or "")
     ckpt = folder / "checkpoint.pt"
     if not keys or not ckpt.exists():
         return {}
@@ -141,8 +145,9 @@ def run_of(rec: dict, fallback: Path) -> Path:
     return p.parent if p.suffix == ".pt" else p
 
 
-def collect(paths: list[str]) -> list[tuple[Path, dict]]:
-    """(run folder, result) pairs from run directories and JSON files, in argument order."""
+def collect(paths: list[str], config: list[str] | None = None) -> list[tuple[Path, dict]]:
+    """(run folder, result) pairs from run directories and JSON files, in argument order;
+    config: the checkpoint config keys to show (default: CONFIG_KEYS's, per method)."""
     out = []
     for arg in paths:
         path = Path(arg)
@@ -153,7 +158,7 @@ def collect(paths: list[str]) -> list[tuple[Path, dict]]:
                 results = [r["result"] for r in read_json(log) if isinstance(r.get("result"), dict)]
                 if results:  # the last one: a resumed run appends a new result line
                     out.append((path, {**results[-1], "protocol": "pretrain"}))
-                    cfg = run_config(path, results[-1].get("method"))
+                    cfg = run_config(path, results[-1].get("method"), config)
                     out += [(path, cfg)] if cfg else []
             for f in sorted(path.glob("eval_*.json")):
                 out += [(path, r) for r in read_json(f)]
@@ -198,29 +203,45 @@ def probe_setting(rec: dict, header: str) -> tuple[float, str]:
     upsampled input (--upsample) gets columns of its own next to the default probe's."""
     if protocol_of(rec) != "linear":
         return 0.0, header
-    layer, up = rec.get("layer") or 0, rec.get("upsample") or 1
+    layer, up, head = rec.get("layer") or 0, rec.get("upsample") or 1, bool(rec.get("head"))
     parts = ([f"block {layer}"] if layer else []) + ([f"x{up:g} input"] if up != 1 else [])
-    return layer + 10.0 * (up - 1), f"{header} ({', '.join(parts)})" if parts else header
+    parts += ["z"] if head else []  # --head: the projection head's output
+    key = layer + 10.0 * (up - 1) + 100.0 * head
+    return key, f"{header} ({', '.join(parts)})" if parts else header
 
 
 def _escape(s: str) -> str:
     return s.replace("|", "\\|")
 
 
+SEED_SUFFIX = re.compile(r"_s\d+$")  # runs RUN, RUN_s1, RUN_s2: one setting, three seeds
+
+
 def build_table(
-    results: list[tuple[Path, dict]], commands: bool = True, only: list[str] | None = None
+    results: list[tuple[Path, dict]],
+    commands: bool = True,
+    only: list[str] | None = None,
+    seeds: bool = False,
 ) -> str:
     """Markdown: one row per (run, random init), one column per metric present. `only`: the
     protocols whose columns and commands to show (rows without any of them are left out);
-    config columns (MAE's mask) come with any protocol."""
+    config columns (MAE's mask) come with any protocol. `seeds`: folders named RUN_s<k> join
+    RUN's row, and each number becomes mean ± std (sample std) over the seeds, with their
+    count in a "seeds" column."""
     rows: dict[tuple[str, bool], dict] = {}
     for folder, rec in results:
         proto = protocol_of(rec)
         if proto in (None, "tsne"):  # a figure, no numbers
             continue
         random_init = bool(rec.get("random_init", False))
-        key = (os.path.normpath(os.path.abspath(folder)), random_init)
-        row = rows.setdefault(key, {"cells": {}, "commands": [], "method": None, "epochs": None})
+        name = os.path.normpath(os.path.abspath(folder))
+        if seeds:
+            name = SEED_SUFFIX.sub("", name)
+        row = rows.setdefault(
+            (name, random_init),
+            {"cells": {}, "commands": [], "method": None, "epochs": None, "seeds": set()},
+        )
+        row["seeds"].add(folder)
         row["method"] = row["method"] or rec.get("method")
         ep = rec.get("epochs")
         if isinstance(ep, (int, float)) and not isinstance(ep, bool):
@@ -229,29 +250,45 @@ def build_table(
                 row["epochs"] = ep if proto == "pretrain" else int(ep)
         if only and proto not in only and proto != "config":
             continue  # (its epoch count is kept above)
-        row["cells"].update(cells(rec))
+        for col, v in cells(rec).items():  # one value per seed folder
+            row["cells"].setdefault(col, {})[folder] = v
         cmd = rec.get("command")
         if cmd and cmd not in row["commands"]:
             row["commands"].append(cmd)
     if only:  # a row with config columns alone has none of the protocols asked for
-        rows = {k: r for k, r in rows.items() if any(c[0] > 1 for c in r["cells"])}
+        rows = {
+            k: r for k, r in rows.items() if any(COLUMNS[c[0]][0] != "config" for c in r["cells"])
+        }
     columns = sorted({c for row in rows.values() for c in row["cells"]}, key=_column_order)
     with_cmd = commands and any(row["commands"] for row in rows.values())
-    header = ["run", "method", "epochs"] + [c[2] for c in columns] + (["command"] * with_cmd)
-    align = ["---", "---", "---:"] + ["---:"] * len(columns) + (["---"] * with_cmd)
+    lead = ["run", "method", "epochs"] + ["seeds"] * seeds
+    header = lead + [c[2] for c in columns] + (["command"] * with_cmd)
+    align = ["---", "---"] + ["---:"] * (len(lead) - 2 + len(columns)) + (["---"] * with_cmd)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     for (folder, random_init), row in rows.items():
         name = os.path.relpath(folder) if not os.path.relpath(folder).startswith("..") else folder
         method = (row["method"] or "?") + (" (random init)" if random_init else "")
         epochs = "" if row["epochs"] is None or random_init else f"{row['epochs']:g}"
-        vals = [name, method, epochs]
+        vals = [name, method, epochs] + [str(len(row["seeds"]))] * seeds
         for col in columns:
-            v = row["cells"].get(col)
-            vals.append("" if v is None else col[3].format(v))
+            vals.append(format_cell(list(row["cells"].get(col, {}).values()), col[3]))
         if with_cmd:
             vals.append("<br>".join(f"`{c}`" for c in row["commands"]))
         lines.append("| " + " | ".join(_escape(v) for v in vals) + " |")
     return "\n".join(lines) + "\n"
+
+
+def format_cell(values: list, fmt: str) -> str:
+    """One value as fmt; several numbers as "mean ± std" (sample std); several strings (a
+    config value) as the one value they share, else joined with "/"."""
+    if not values:
+        return ""
+    if len(set(values)) == 1 or isinstance(values[0], str):
+        shown = list(dict.fromkeys(fmt.format(v) for v in values))
+        return "/".join(shown)
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{fmt.format(mean)} ± {fmt.format(std)}"
 
 
 def build_narrow(results: list[tuple[Path, dict]]) -> str:
@@ -265,7 +302,12 @@ def build_narrow(results: list[tuple[Path, dict]]) -> str:
         row = runs.setdefault((os.path.abspath(folder), bool(rec.get("random_init"))), {})
         if proto == "pretrain":
             row["method"], row["minutes"] = rec.get("method"), rec.get("train_minutes")
-        elif proto == "linear" and not rec.get("layer") and (rec.get("upsample") or 1) == 1:
+        elif (
+            proto == "linear"
+            and not rec.get("layer")
+            and (rec.get("upsample") or 1) == 1
+            and not rec.get("head")
+        ):
             row |= {k: rec.get(k) for k in ("linear_top1", "knn_top1", "backbone", "width")}
             row.setdefault("method", rec.get("method"))
     untrained = [(f, r) for (f, ri), r in runs.items() if ri and "linear_top1" in r]
@@ -337,6 +379,18 @@ def main(argv: list[str] | None = None) -> str:
         help="only these protocols' columns (and rows that have them): one table per protocol",
     )
     p.add_argument(
+        "--seeds",
+        action="store_true",
+        help="one row per setting: folders RUN_s1, RUN_s2, ... join RUN's row, numbers shown "
+        "as mean ± std over the seeds",
+    )
+    p.add_argument(
+        "--config",
+        nargs="+",
+        metavar="KEY",
+        help="checkpoint config values to show as columns (default: MAE's mask type and ratio)",
+    )
+    p.add_argument(
         "--narrow",
         action="store_true",
         help="the README's summary: method | train min | linear and k-NN, trained / untrained",
@@ -351,9 +405,14 @@ def main(argv: list[str] | None = None) -> str:
             raise FileNotFoundError(f"--update {args.update}: no such file")
         check_output_file(args.update, "--update")
     if args.narrow:
-        table = build_narrow(collect(args.paths))
+        table = build_narrow(collect(args.paths, args.config))
     else:
-        table = build_table(collect(args.paths), commands=not args.no_commands, only=args.only)
+        table = build_table(
+            collect(args.paths, args.config),
+            commands=not args.no_commands,
+            only=args.only,
+            seeds=args.seeds,
+        )
     if args.out:
         write_text_atomic(args.out, table)
     if args.update:

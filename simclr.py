@@ -123,7 +123,19 @@ def get_args_parser():
         help="training crop side as a fraction of the image side, when --crop-size is not given "
         "(below 1: more steps per minute; the probe still sees whole images)",
     )
-    p.add_argument("--proj-layers", type=int, help="projection head layers (official: 3)")
+    p.add_argument(
+        "--aug",
+        default="crop,color",
+        help="comma list of the augmentations to compose (paper's Figure 5): crop (random resized "
+        "crop + flip; without it, the whole image), color (jitter + grayscale), blur, rotate, "
+        "cutout, noise, sobel (each p 0.5: common/augment.py). blur is also on when --blur > 0",
+    )
+    p.add_argument(
+        "--proj-layers",
+        type=int,
+        help="projection head layers: 0 = none (the loss on h), 1 = linear, 2 = the paper's, "
+        "3 = the official code's",
+    )
     p.add_argument(
         "--zero-init-residual",
         action=argparse.BooleanOptionalAction,
@@ -164,8 +176,46 @@ def check_simclr_args(args) -> None:
             f"--batch-size {args.batch_size}: SimCLR needs at least 2 images per step (each "
             "image's negatives are the other images' views; with 1 the loss is always 0)"
         )
-    if args.proj_layers < 1:
-        raise ConfigError(f"--proj-layers must be >= 1, got {args.proj_layers}")
+    if args.proj_layers < 0:
+        raise ConfigError(f"--proj-layers must be >= 0 (0: no head), got {args.proj_layers}")
+    ops = [a.strip() for a in args.aug.split(",") if a.strip()]
+    bad = [a for a in ops if a not in AUG_OPS]
+    if bad or not ops:
+        raise ConfigError(
+            f"--aug {args.aug!r}: unknown {', '.join(bad) or '(empty)'}; choose from "
+            + ", ".join(AUG_OPS)
+        )
+    if "blur" in ops and args.blur == 0:
+        raise ConfigError("--aug has blur but --blur is 0: drop one of them")
+    args.aug = ",".join(ops)
+
+
+AUG_OPS = ("crop", "color", "blur", "rotate", "cutout", "noise", "sobel")
+
+
+def aug_config(args, big: bool) -> AugConfig:
+    """The composition --aug names. `crop` is the random resized crop with its flip (the paper
+    pairs them); without it every view is the whole image, resized. `color` is the jitter and
+    the random grayscale; blur's probability is --blur (default 0.5 when named, and on images
+    above 64 px); rotate, cutout, noise and sobel are drawn with p 0.5 each."""
+    ops = set(args.aug.split(","))
+    if args.blur is None:
+        args.blur = 0.5 if big or "blur" in ops else 0.0
+    crop = "crop" in ops
+    return AugConfig(
+        args.crop_size,
+        scale=(args.crop_scale_min, 1.0) if crop else (1.0, 1.0),
+        ratio=(3 / 4, 4 / 3) if crop else (1.0, 1.0),
+        flip_p=0.5 if crop else 0.0,
+        jitter_strength=args.jitter_strength,
+        jitter_p=0.8 if "color" in ops else 0.0,
+        gray_p=0.2 if "color" in ops else 0.0,
+        blur_p=args.blur,
+        rotate_p=0.5 * ("rotate" in ops),
+        cutout_p=0.5 * ("cutout" in ops),
+        noise_p=0.5 * ("noise" in ops),
+        sobel_p=0.5 * ("sobel" in ops),
+    )
 
 
 # ------------------------------------------------------------------------------------ model
@@ -176,9 +226,17 @@ class ProjectionHead(nn.Sequential):
 
     def __init__(self, in_dim: int, out_dim: int, layers: int = 2):
         mods: list[nn.Module] = []
+        if layers == 0:  # no head: the loss on h itself (the paper's Figure 8, "None")
+            super().__init__()
+            return
         for _ in range(layers - 1):
             mods += [nn.Linear(in_dim, in_dim, bias=False), nn.BatchNorm1d(in_dim), nn.ReLU(True)]
         super().__init__(*mods, nn.Linear(in_dim, out_dim, bias=False), nn.BatchNorm1d(out_dim))
+
+
+def build_head(cfg: dict, feat_dim: int) -> nn.Module:
+    """g as a checkpoint's config describes it (for `linear_probe.py --head`, which probes z)."""
+    return ProjectionHead(feat_dim, cfg["proj_dim"], cfg.get("proj_layers", 2))
 
 
 class SimCLR(nn.Module):
@@ -318,17 +376,7 @@ def main(args):
     big = args.crop_size > 64  # ImageNet-like images: the paper's ImageNet augmentation strength
     if args.jitter_strength is None:  # (0 is a valid strength: no colour jitter)
         args.jitter_strength = 1.0 if big else 0.5
-    args.blur = (0.5 if big else 0.0) if args.blur is None else args.blur
-    aug = BatchAugment(
-        AugConfig(
-            args.crop_size,
-            scale=(args.crop_scale_min, 1.0),
-            jitter_strength=args.jitter_strength,
-            blur_p=args.blur,
-        ),
-        train.mean,
-        train.std,
-    )
+    aug = BatchAugment(aug_config(args, big), train.mean, train.std)
 
     backbone = build_backbone(
         args.backbone, args.stem, args.width, zero_init_residual=args.zero_init_residual

@@ -12,6 +12,13 @@ Pipeline (SimCLR, Chen et al. 2020, appendix A and B.9), all on [B, 3, H, W] flo
   colour jitter (0.8s, 0.8s, 0.8s, 0.2s; p 0.8; s = 1 for ImageNet, 0.5 for CIFAR) in a random
   order per image -> grayscale (p 0.2) -> Gaussian blur (p 0.5 on ImageNet, off for CIFAR) ->
   normalise with the dataset's mean and std.
+
+The paper's other augmentations (its Figure 4, for the composition study of Figure 5; off
+unless their probability is set, and then drawn after the ones above, so that the default
+pipeline's random stream is unchanged): rotation by 90, 180 or 270 degrees (after the flip),
+Sobel filtering (the grey image's gradient magnitude, after the blur), Gaussian noise (then),
+cutout (last, after normalising: a square filled with the dataset's mean colour). The paper
+gives no parameters for these; ours are in AugConfig.
 """
 
 from __future__ import annotations
@@ -35,6 +42,12 @@ class AugConfig:
     gray_p: float = 0.2
     blur_p: float = 0.0  # SimCLR: 0.5 on ImageNet, off on CIFAR
     blur_sigma: tuple[float, float] = (0.1, 2.0)
+    rotate_p: float = 0.0  # rotate by 90, 180 or 270 degrees (equally likely)
+    sobel_p: float = 0.0  # replace the image by its Sobel gradient magnitude (grey)
+    noise_p: float = 0.0  # add Gaussian noise of std noise_sigma (in [0, 1] pixel units)
+    noise_sigma: tuple[float, float] = (0.05, 0.15)
+    cutout_p: float = 0.0  # one square of side cutout_side x size, centre anywhere (DeVries 2017)
+    cutout_side: tuple[float, float] = (0.25, 0.5)
 
     @property
     def jitter(self) -> tuple[float, float, float, float]:
@@ -105,7 +118,7 @@ def sample_params(
     def rand(*shape):
         return torch.rand(*shape, generator=gen, device=device)
 
-    return {
+    p = {
         "boxes": sample_crop_boxes(n, height, width, cfg.scale, cfg.ratio, gen, device),
         "flip": rand(n) < cfg.flip_p,
         "jitter": rand(n) < cfg.jitter_p,
@@ -120,6 +133,21 @@ def sample_params(
         "blur": rand(n) < cfg.blur_p,
         "sigma": uniform(*cfg.blur_sigma),
     }
+    # The optional ops draw after the rest, and only when on: the default stream is unchanged.
+    if cfg.rotate_p > 0:  # quarter turns k in {1, 2, 3} where drawn, else 0
+        k = torch.randint(1, 4, (n,), generator=gen, device=device)
+        p["rot_k"] = k * (rand(n) < cfg.rotate_p)
+    if cfg.sobel_p > 0:
+        p["sobel"] = rand(n) < cfg.sobel_p
+    if cfg.noise_p > 0:
+        p["noise"] = rand(n) < cfg.noise_p
+        p["noise_sigma"] = uniform(*cfg.noise_sigma)
+        p["noise_field"] = torch.randn(n, 3, cfg.size, cfg.size, generator=gen, device=device)
+    if cfg.cutout_p > 0:
+        p["cutout"] = rand(n) < cfg.cutout_p
+        p["cut_centre"] = rand(n, 2)  # (y, x) as fractions of the side
+        p["cut_side"] = uniform(*cfg.cutout_side)
+    return p
 
 
 def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
@@ -186,6 +214,29 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> tor
     return y.view(B, C, H, W)
 
 
+def sobel_magnitude(x: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] -> [B, 1, H, W]: the grey image's Sobel gradient magnitude (edge pixels
+    replicated, as scipy.ndimage.sobel's mode="nearest"), scaled by each image's maximum to
+    [0, 1] (a flat image gives 0)."""
+    g = F.pad(rgb_to_gray(x), (1, 1, 1, 1), mode="replicate")
+    kx = torch.tensor([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]], device=x.device, dtype=x.dtype)
+    k = torch.stack([kx, kx.T])[:, None]  # [2, 1, 3, 3]: d/dx, d/dy
+    mag = F.conv2d(g, k).square().sum(1, keepdim=True).sqrt()  # [B, 1, H, W]
+    return mag / mag.amax((-2, -1), keepdim=True).clamp_min(1e-6)
+
+
+def cutout_mask(p: dict, size: int) -> torch.Tensor:
+    """[B, 1, size, size] bool: each drawing image's square (side round(cut_side x size),
+    centred at cut_centre, clipped at the border); all False for the others."""
+    device = p["cutout"].device
+    side = torch.round(p["cut_side"] * size).clamp_min(1)  # [B]
+    start = torch.floor(p["cut_centre"] * size) - torch.floor(side / 2)[:, None]  # [B, 2] (y, x)
+    idx = torch.arange(size, device=device, dtype=start.dtype)
+    rows = (idx >= start[:, :1]) & (idx < start[:, :1] + side[:, None])  # [B, size]
+    cols = (idx >= start[:, 1:]) & (idx < start[:, 1:] + side[:, None])
+    return (rows[:, :, None] & cols[:, None, :] & p["cutout"].view(-1, 1, 1))[:, None]
+
+
 def _jitter_op(op: int, x: torch.Tensor, p: dict, sel=slice(None)) -> torch.Tensor:
     """ColorJitter's op number `op` on x (the images `sel` of the batch), with their factors."""
     if op == 0:  # brightness: blend with black
@@ -213,6 +264,10 @@ def apply_params(
     p = {k: v.to(x.device, non_blocking=True) for k, v in p.items()}  # (no-ops when drawn there)
     x = resized_crop(x, p["boxes"], cfg.size)
     x = torch.where(p["flip"].view(-1, 1, 1, 1), x.flip(-1), x)
+    if "rot_k" in p:  # counter-clockwise quarter turns (as torchvision's rotate(90 k))
+        k = p["rot_k"].view(-1, 1, 1, 1)
+        for r in (1, 2, 3):
+            x = torch.where(k == r, torch.rot90(x, r, (-2, -1)), x)
     # Colour jitter: at step k, each jittered image runs the op its own permutation names there.
     for k in range(4):
         for op in range(4):
@@ -233,7 +288,12 @@ def apply_params(
             sel = torch.nonzero(p["blur"]).flatten()
             if sel.numel():
                 x = x.index_copy(0, sel, gaussian_blur(x[sel], p["sigma"][sel], ks))
-    return x
+    if "sobel" in p:
+        x = torch.where(p["sobel"].view(-1, 1, 1, 1), sobel_magnitude(x).expand_as(x), x)
+    if "noise" in p:
+        noisy = (x + p["noise_sigma"].view(-1, 1, 1, 1) * p["noise_field"]).clamp(0, 1)
+        x = torch.where(p["noise"].view(-1, 1, 1, 1), noisy, x)
+    return x  # (cutout comes after normalising: BatchAugment)
 
 
 class BatchAugment:
@@ -254,7 +314,10 @@ class BatchAugment:
         if x.device not in self._consts:  # copied to the device once, not every step
             self._consts[x.device] = (self.mean.to(x.device), self.std.to(x.device))
         mean, std = self._consts[x.device]
-        return (x - mean) / std
+        x = (x - mean) / std
+        if "cutout" in p:  # 0 after normalising: the dataset's mean colour
+            x = x.masked_fill(cutout_mask(p, x.shape[-1]), 0.0)
+        return x
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:

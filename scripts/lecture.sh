@@ -8,6 +8,8 @@
 #   bash scripts/lecture.sh pretrain   # 6 methods x 6 min + context's neighbour-only ablation
 #                                      # + MAE's 4 maskings x 3 epochs: ~55 min on 2 cores
 #   bash scripts/lecture.sh evaluate   # every protocol for every run: ~50 min on 2 cores
+#   bash scripts/lecture.sh seeds      # MAE's 4 maskings with seeds 1 and 2 (seed 0: pretrain),
+#                                      # each probed: the ablation's mean +- std over 3 seeds
 #   bash scripts/lecture.sh tables     # docs/results_cpu.md's tables (<!-- results:lecture_* -->),
 #                                      # the README's summary (<!-- results:summary -->)
 #   bash scripts/lecture.sh            # all three
@@ -25,6 +27,8 @@ JOBS=${JOBS:-2}
 if ((JOBS > 1)); then export OMP_NUM_THREADS=1; fi
 BUDGET=6      # minutes of pre-training per method (--time-budget)
 MAE_EPOCHS=3  # the masking ablation compares equal epochs, not equal minutes
+MASKINGS=("random 0.75" "block 0.5" "block 0.75" "grid 0.75")  # MAE's masking ablation
+SEEDS="1 2"   # extra seeds of the ablation (seed 0 is the pretrain stage's run)
 METHODS="simclr rotnet jigsaw context colorize inpainting mae_random0.75"
 # Random-init baselines, one per distinct (architecture, input): the RGB ResNet-18 (width 16,
 # CIFAR stem: simclr, rotnet, jigsaw and inpainting build the same untrained weights), context's
@@ -55,9 +59,28 @@ pretrain() {
     done
     # context's ablation: the position from the neighbour patch alone
     done_run "$R/context_neighbour_only" || echo "python context.py --preset cpu --time-budget $BUDGET --neighbour-only --data $DATA --out $R/context_neighbour_only --fresh"
-    for mk in "random 0.75" "block 0.5" "block 0.75" "grid 0.75"; do
+    for mk in "${MASKINGS[@]}"; do
       read -r kind ratio <<<"$mk"
       done_run "$R/mae_$kind$ratio" || echo "python mae.py --preset cpu --epochs $MAE_EPOCHS --mask-type $kind --mask-ratio $ratio --data $DATA --out $R/mae_$kind$ratio --fresh"
+    done
+  } | parallel
+}
+
+# The MAE masking ablation again with seeds 1 and 2, each run probed as the seed-0 runs are
+# (the probe's own train subset and seed stay fixed: only pre-training changes with the seed).
+seeds() {
+  local mk kind ratio s r
+  {
+    for s in $SEEDS; do
+      for mk in "${MASKINGS[@]}"; do
+        read -r kind ratio <<<"$mk"
+        r=$R/mae_$kind${ratio}_s$s
+        if ! done_run "$r"; then
+          echo "python mae.py --preset cpu --epochs $MAE_EPOCHS --mask-type $kind --mask-ratio $ratio --seed $s --data $DATA --out $r --fresh && python linear_probe.py $r ${PROBE[*]}"
+        else
+          todo "$r/eval_linear.json" python linear_probe.py "$r" "${PROBE[@]}"
+        fi
+      done
     done
   } | parallel
 }
@@ -117,10 +140,11 @@ tables() {
 case ${1:-all} in
 pretrain) pretrain ;;
 evaluate) evaluate ;;
+seeds) seeds ;;
 tables) tables ;;
 all) pretrain && evaluate && tables ;;
 *)
-  echo "usage: bash scripts/lecture.sh [pretrain|evaluate|tables]" >&2
+  echo "usage: bash scripts/lecture.sh [pretrain|evaluate|seeds|tables]" >&2
   exit 2
   ;;
 esac

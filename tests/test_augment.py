@@ -156,3 +156,99 @@ def test_masked_path_equals_the_gathering_path():
     a = apply_params(imgs, p, cfg, masked=False)
     b = apply_params(imgs, p, cfg, masked=True)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------- the paper's other augmentations (its Figure 4)
+def _new_ops_cfg(size=32, **kw):
+    return AugConfig(size, jitter_p=0.0, gray_p=0.0, flip_p=0.0, **kw)
+
+
+def test_optional_ops_leave_the_default_random_stream_unchanged():
+    """Turning on rotation, Sobel, noise and cutout draws after everything else: every default
+    parameter (hence the default pipeline's images, and every earlier result) stays the same."""
+    base = sample_params(AugConfig(32, blur_p=0.5), 64, 40, 40, torch.Generator().manual_seed(1))
+    cfg = AugConfig(32, blur_p=0.5, rotate_p=0.5, sobel_p=0.5, noise_p=0.5, cutout_p=0.5)
+    more = sample_params(cfg, 64, 40, 40, torch.Generator().manual_seed(1))
+    assert set(more) - set(base) == {
+        "rot_k", "sobel", "noise", "noise_sigma", "noise_field", "cutout", "cut_centre", "cut_side"
+    }  # fmt: skip
+    for k, v in base.items():
+        assert torch.equal(v, more[k]), k
+
+
+def test_rotation_matches_torchvision_and_draws_each_quarter_turn():
+    cfg = _new_ops_cfg(rotate_p=0.75)
+    p = sample_params(cfg, N, 32, 32, torch.Generator().manual_seed(2))
+    k = p["rot_k"]
+    assert abs((k > 0).float().mean().item() - 0.75) < 0.03
+    counts = torch.bincount(k[k > 0], minlength=4)[1:].float()
+    assert stats.chisquare(counts.numpy()).pvalue > P_MIN  # 90, 180, 270 equally likely
+    imgs = torch.rand(24, 3, 32, 32)
+    q = {key: v[:24] for key, v in p.items()}
+    q["boxes"][:] = torch.tensor([0, 0, 32, 32])  # identity crop: isolate the rotation
+    ours = apply_params(imgs, q, cfg)
+    for i in range(24):
+        ref = TF.rotate(imgs[i], 90.0 * int(q["rot_k"][i]))  # counter-clockwise, as ours
+        torch.testing.assert_close(ours[i], ref, atol=1e-5, rtol=0)
+
+
+def test_sobel_matches_scipy():
+    from scipy import ndimage
+
+    cfg = _new_ops_cfg(sobel_p=0.5)
+    imgs = torch.rand(16, 3, 32, 32)
+    p = sample_params(cfg, 16, 32, 32, torch.Generator().manual_seed(4))
+    p["boxes"][:] = torch.tensor([0, 0, 32, 32])
+    ours = apply_params(imgs, p, cfg)
+    for i in range(16):
+        if not p["sobel"][i]:
+            torch.testing.assert_close(ours[i], imgs[i], atol=1e-5, rtol=0)
+            continue
+        gray = (0.2989 * imgs[i, 0] + 0.587 * imgs[i, 1] + 0.114 * imgs[i, 2]).double().numpy()
+        mag = torch.from_numpy(
+            (
+                ndimage.sobel(gray, 0, mode="nearest") ** 2
+                + ndimage.sobel(gray, 1, mode="nearest") ** 2
+            )
+            ** 0.5
+        ).float()
+        ref = (mag / mag.max()).expand(3, -1, -1)
+        torch.testing.assert_close(ours[i], ref, atol=1e-5, rtol=0)
+
+
+def test_noise_has_the_drawn_std_and_only_where_drawn():
+    cfg = _new_ops_cfg(size=64, noise_p=0.5)
+    imgs = torch.full((64, 3, 64, 64), 0.5)  # mid-grey: sigma <= 0.15 is (almost) never clipped
+    p = sample_params(cfg, 64, 64, 64, torch.Generator().manual_seed(6))
+    p["boxes"][:] = torch.tensor([0, 0, 64, 64])
+    delta = apply_params(imgs, p, cfg) - imgs
+    std = delta.flatten(1).std(1)
+    on = p["noise"]
+    assert on.any() and (~on).any()
+    torch.testing.assert_close(std[on], p["noise_sigma"][on], rtol=0.05, atol=0)
+    assert (std[~on] == 0).all()
+
+
+def test_cutout_matches_torchvision_erase():
+    """Each drawing image gets one square (clipped at the border) of the mean colour (0 after
+    normalising), as torchvision's erase of the same box; the others are untouched."""
+    size = 32
+    cfg = _new_ops_cfg(cutout_p=0.5)
+    aug = BatchAugment(cfg, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    u8 = torch.randint(0, 256, (64, size, size, 3), dtype=torch.uint8)
+    no_cut = BatchAugment(_new_ops_cfg(), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    ours = aug(u8, torch.Generator().manual_seed(9))
+    plain = no_cut(u8, torch.Generator().manual_seed(9))  # same crops (drawn first)
+    p = sample_params(cfg, 64, size, size, torch.Generator().manual_seed(9))
+    for i in range(64):
+        ref = plain[i]
+        if p["cutout"][i]:
+            side = max(1, round(float(p["cut_side"][i]) * size))
+            cy, cx = (math.floor(float(c) * size) for c in p["cut_centre"][i])
+            top, left = cy - side // 2, cx - side // 2
+            t, lf = max(top, 0), max(left, 0)
+            h, w = min(top + side, size) - t, min(left + side, size) - lf
+            ref = TF.erase(ref, t, lf, h, w, torch.tensor(0.0))
+            assert h > 0 and w > 0
+        torch.testing.assert_close(ours[i], ref, atol=0, rtol=0)
+    assert (ours == 0).all(1).flatten(1).sum(1)[p["cutout"]].min() > 0
