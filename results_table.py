@@ -222,12 +222,15 @@ def build_table(
     commands: bool = True,
     only: list[str] | None = None,
     seeds: bool = False,
+    marks: dict[str, str] | None = None,
 ) -> str:
     """Markdown: one row per (run, random init), one column per metric present. `only`: the
     protocols whose columns and commands to show (rows without any of them are left out);
     config columns (MAE's mask) come with any protocol. `seeds`: folders named RUN_s<k> join
     RUN's row, and each number becomes mean ± std (sample std) over the seeds, with their
-    count in a "seeds" column."""
+    count in a "seeds" column. `marks`: {run folder: note} shown after that run's method name,
+    e.g. why a row is stale (--mark)."""
+    marks = {os.path.normpath(os.path.abspath(k)): v for k, v in (marks or {}).items()}
     rows: dict[tuple[str, bool], dict] = {}
     for folder, rec in results:
         proto = protocol_of(rec)
@@ -268,6 +271,8 @@ def build_table(
     for (folder, random_init), row in rows.items():
         name = os.path.relpath(folder) if not os.path.relpath(folder).startswith("..") else folder
         method = (row["method"] or "?") + (" (random init)" if random_init else "")
+        if folder in marks and not random_init:
+            method += f" ({marks[folder]})"
         epochs = "" if row["epochs"] is None or random_init else f"{row['epochs']:g}"
         vals = [name, method, epochs] + [str(len(row["seeds"]))] * seeds
         for col in columns:
@@ -385,6 +390,13 @@ def main(argv: list[str] | None = None) -> str:
         "as mean ± std over the seeds",
     )
     p.add_argument(
+        "--mark",
+        action="append",
+        default=[],
+        metavar="RUN=NOTE",
+        help="a note after RUN's method name, in the table itself (e.g. why a row is stale)",
+    )
+    p.add_argument(
         "--config",
         nargs="+",
         metavar="KEY",
@@ -398,6 +410,9 @@ def main(argv: list[str] | None = None) -> str:
     args = p.parse_args(argv)
     if bool(args.update) != bool(args.marker):
         p.error("--update and --marker go together")
+    if any("=" not in m for m in args.mark):
+        p.error("--mark takes RUN=NOTE")
+    marks = dict(m.split("=", 1) for m in args.mark)
     if args.out:  # before anything is read: a path it cannot write stops it at once
         check_output_file(args.out, "--out")
     if args.update:
@@ -412,6 +427,7 @@ def main(argv: list[str] | None = None) -> str:
             commands=not args.no_commands,
             only=args.only,
             seeds=args.seeds,
+            marks=marks,
         )
     if args.out:
         write_text_atomic(args.out, table)

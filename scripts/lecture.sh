@@ -133,7 +133,12 @@ tables() {
   for p in cluster finetune transfer robustness; do
     python results_table.py "${runs[@]}" --only "$p" "${doc[@]}" --marker "lecture_$p"
   done
-  python results_table.py "$R"/mae_{random0.75,block0.5,block0.75,grid0.75} --only pretrain linear finetune "${doc[@]}" --marker mae_ablation
+  # the masking ablation, mean ± std over seeds 0-2 (fine-tuning: seed 0 only, in findings.md)
+  local mae=() mk s
+  for mk in "${MASKINGS[@]}"; do
+    for s in "" $(printf "_s%s " $SEEDS); do mae+=("$R/mae_${mk/ /}$s"); done
+  done
+  python results_table.py "${mae[@]}" --seeds --only pretrain linear "${doc[@]}" --marker mae_ablation
   python results_table.py "${runs[@]}" --narrow --update README.md --marker summary
 }
 

@@ -99,3 +99,52 @@ def test_lecture_evaluate_covers_what_is_pretrained_and_skips_what_is_done(tmp_p
         assert len(group) == 6 and all(any(k in c for c in group) for k in kinds), group
     assert len(rot) == 5 and not any("cluster" in c for c in rot)
     assert not any("--random-init" in c for c in rot)  # simclr's baseline is rotnet's too
+
+
+def test_lecture_seeds_stage_reruns_the_mae_ablation_with_two_more_seeds(tmp_path):
+    cmds = lecture("seeds", tmp_path)
+    assert len(cmds) == 8  # 4 maskings x seeds 1, 2: train then probe
+    assert all(" && python linear_probe.py " in c and "--limit-train 10000" in c for c in cmds)
+    seeds = sorted(c.split("--seed ")[1].split()[0] for c in cmds)
+    assert seeds == ["1"] * 4 + ["2"] * 4
+    assert all(f"--out {tmp_path}/mae_" in c and "_s" in c.split("--out ")[1] for c in cmds)
+    # a finished run is only probed, a probed one skipped
+    done = tmp_path / "mae_grid0.75_s2"
+    done.mkdir()
+    (done / "log.jsonl").write_text(json.dumps({"result": {"method": "mae"}}) + "\n")
+    cmds = lecture("seeds", tmp_path)
+    assert len(cmds) == 8 and f"python linear_probe.py {done} --limit-train 10000" in cmds
+    (done / "eval_linear.json").write_text("{}")
+    assert len(lecture("seeds", tmp_path)) == 7
+
+
+def simclr_ablations(stage, runs):
+    r = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "simclr_ablations.sh"), stage],
+        env={**os.environ, "DRY": "1", "RUNS": str(runs)}
+        | {"PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    return r.stdout.splitlines()
+
+
+def test_simclr_ablations_cover_each_table_with_three_seeds(tmp_path):
+    lines = simclr_ablations("run", tmp_path)
+    trains = [c.split(" && ")[0] for c in lines]
+    assert len(trains) == 48  # (4 heads + 5 batches + 8 compositions - 1 shared) x 3 seeds
+    assert all("--preset fast --limit-train 10000 --epochs 2" in c for c in trains)
+    flags = {c.split("--epochs 2")[1].split("--seed")[0].strip() for c in trains}
+    for f in ("--proj-layers 0", "--proj-layers 1", "--proj-layers 3", "--aug crop",
+              "--aug color", "--aug crop,color,blur", "--aug crop,sobel", "--aug crop,rotate",
+              "--aug crop,cutout", "--aug crop,noise", ""):  # fmt: skip
+        assert f in flags, f
+    assert sum("--batch-size" in f for f in flags) == 5
+    for setting in flags:  # every setting with seeds 0, 1, 2
+        seeds = [c.split("--seed ")[1].split()[0] for c in trains if f"2 {setting} --seed" in c]
+        assert sorted(seeds) == ["0", "1", "2"], setting
+    head_rows = [c for c in lines if "--proj-layers" in c or "/base " in c]
+    assert all("--head" in c for c in head_rows)  # h and z probes for the head table
+    assert sum("--random-init" in c for c in lines) == 1

@@ -116,3 +116,15 @@ def test_seeds_table_is_mean_and_std_over_seed_folders(tmp_path):
     # Equal values (a config column, the parameter count) are shown once, not as "x ± 0".
     assert results_table.format_cell([128, 128], "{}") == "128"
     assert results_table.format_cell(["crop", "crop"], "{}") == "crop"
+
+
+def test_mark_puts_a_note_in_the_table_itself(tmp_path):
+    for name in ("old", "new"):
+        (tmp_path / name).mkdir()
+        rec = {"method": "simclr", "linear_top1": 40.0, "knn_top1": 35.0}
+        (tmp_path / name / "eval_linear.json").write_text(json.dumps(rec))
+    table = results_table.main(
+        [str(tmp_path / "old"), str(tmp_path / "new"), "--mark", f"{tmp_path / 'old'}=stale"]
+    )
+    lines = table.splitlines()[2:]
+    assert "| simclr (stale) |" in lines[0] and "| simclr |" in lines[1]
