@@ -223,13 +223,15 @@ def build_table(
     only: list[str] | None = None,
     seeds: bool = False,
     marks: dict[str, str] | None = None,
+    brief: bool = False,
 ) -> str:
     """Markdown: one row per (run, random init), one column per metric present. `only`: the
     protocols whose columns and commands to show (rows without any of them are left out);
     config columns (MAE's mask) come with any protocol. `seeds`: folders named RUN_s<k> join
     RUN's row, and each number becomes mean ± std (sample std) over the seeds, with their
     count in a "seeds" column. `marks`: {run folder: note} shown after that run's method name,
-    e.g. why a row is stale (--mark)."""
+    e.g. why a row is stale (--mark). `brief`: only the config columns (the setting), the seed
+    count and the probe's columns (the README's ablation tables)."""
     marks = {os.path.normpath(os.path.abspath(k)): v for k, v in (marks or {}).items()}
     rows: dict[tuple[str, bool], dict] = {}
     for folder, rec in results:
@@ -263,6 +265,8 @@ def build_table(
             k: r for k, r in rows.items() if any(COLUMNS[c[0]][0] != "config" for c in r["cells"])
         }
     columns = sorted({c for row in rows.values() for c in row["cells"]}, key=_column_order)
+    if brief:
+        return _brief_table(rows, columns, seeds)
     with_cmd = commands and any(row["commands"] for row in rows.values())
     lead = ["run", "method", "epochs"] + ["seeds"] * seeds
     header = lead + [c[2] for c in columns] + (["command"] * with_cmd)
@@ -279,6 +283,23 @@ def build_table(
             vals.append(format_cell(list(row["cells"].get(col, {}).values()), col[3]))
         if with_cmd:
             vals.append("<br>".join(f"`{c}`" for c in row["commands"]))
+        lines.append("| " + " | ".join(_escape(v) for v in vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _brief_table(rows: dict, columns: list, seeds: bool) -> str:
+    """build_table's --brief form: setting | seeds | linear, k-NN (and their z / block forms);
+    an untrained row is named "untrained" in the setting's first column."""
+    config = [c for c in columns if COLUMNS[c[0]][0] == "config"]
+    probe = [c for c in columns if COLUMNS[c[0]][0] == "linear"]
+    header = [c[2] for c in config] + ["seeds"] * seeds + [c[2] for c in probe]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---:"] * len(header)) + "|"]
+    for (_, random_init), row in rows.items():
+        vals = [format_cell(list(row["cells"].get(c, {}).values()), c[3]) for c in config]
+        if random_init and vals:
+            vals[0] = "untrained"
+        vals += [str(len(row["seeds"]))] * seeds
+        vals += [format_cell(list(row["cells"].get(c, {}).values()), c[3]) for c in probe]
         lines.append("| " + " | ".join(_escape(v) for v in vals) + " |")
     return "\n".join(lines) + "\n"
 
@@ -390,6 +411,11 @@ def main(argv: list[str] | None = None) -> str:
         "as mean ± std over the seeds",
     )
     p.add_argument(
+        "--brief",
+        action="store_true",
+        help="only the setting (--config columns), the seed count and the probe's columns",
+    )
+    p.add_argument(
         "--mark",
         action="append",
         default=[],
@@ -428,6 +454,7 @@ def main(argv: list[str] | None = None) -> str:
             only=args.only,
             seeds=args.seeds,
             marks=marks,
+            brief=args.brief,
         )
     if args.out:
         write_text_atomic(args.out, table)

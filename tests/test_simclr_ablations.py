@@ -128,3 +128,25 @@ def test_mark_puts_a_note_in_the_table_itself(tmp_path):
     )
     lines = table.splitlines()[2:]
     assert "| simclr (stale) |" in lines[0] and "| simclr |" in lines[1]
+
+
+def test_brief_table_is_setting_seeds_and_probe(tmp_path, monkeypatch):
+    for name, v in {"b": 40.0, "b_s1": 42.0}.items():
+        (tmp_path / name).mkdir()
+        rec = {"method": "simclr", "linear_top1": v, "knn_top1": 30.0, "train_minutes": 2}
+        (tmp_path / name / "eval_linear.json").write_text(json.dumps(rec))
+        rand = {**rec, "linear_top1": 34.0, "random_init": True}
+        (tmp_path / name / "eval_linear_random_init.json").write_text(json.dumps(rand))
+    # (the setting comes from each checkpoint's config: faked here)
+    monkeypatch.setattr(
+        results_table, "run_config", lambda *a: {"protocol": "config", "batch_size": 256}
+    )
+    for name in ("b", "b_s1"):  # a result line, so that collect() asks for the config
+        (tmp_path / name / "log.jsonl").write_text(
+            json.dumps({"result": {"method": "simclr", "train_minutes": 2}}) + "\n"
+        )
+    paths = [str(tmp_path / "b"), str(tmp_path / "b_s1")]
+    table = results_table.main([*paths, "--seeds", "--brief", "--config", "batch_size"])
+    assert table.splitlines()[0] == "| batch | seeds | linear | k-NN |"
+    assert table.splitlines()[2] == "| 256 | 2 | 41.0 ± 1.4 | 30.0 |"
+    assert table.splitlines()[3] == "| untrained | 2 | 34.0 | 30.0 |"
