@@ -288,10 +288,17 @@ def build_table(
 
 
 def _brief_table(rows: dict, columns: list, seeds: bool) -> str:
-    """build_table's --brief form: setting | seeds | linear, k-NN (and their z / block forms);
-    an untrained row is named "untrained" in the setting's first column."""
+    """build_table's --brief form: setting | seeds | linear, k-NN (and their z / block forms,
+    when every trained row has them); an untrained row is named "untrained" in the setting's
+    first column."""
     config = [c for c in columns if COLUMNS[c[0]][0] == "config"]
-    probe = [c for c in columns if COLUMNS[c[0]][0] == "linear"]
+    trained = [row for (_, random_init), row in rows.items() if not random_init]
+    # a probe column every trained row has (one run's extra --head probe is not a column)
+    probe = [
+        c
+        for c in columns
+        if COLUMNS[c[0]][0] == "linear" and all(row["cells"].get(c) for row in trained)
+    ]
     header = [c[2] for c in config] + ["seeds"] * seeds + [c[2] for c in probe]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---:"] * len(header)) + "|"]
     for (_, random_init), row in rows.items():

@@ -69,18 +69,31 @@ commands() {
   done
 }
 
-dirs() { # the seed-0 folders of a table's rows (results_table.py --seeds finds the others)
-  local entry s
+dirs() { # every seed's folder of a table's rows, those that exist ("seeds" counts them)
+  local entry s d
   for entry in "$@"; do
-    for s in $SEEDS; do dir_of "${entry%%:*}" "$s"; done
+    for s in $SEEDS; do
+      d=$(dir_of "${entry%%:*}" "$s")
+      if [[ -d $d ]]; then echo "$d"; fi
+    done
   done
 }
 
 tables() {
   local doc=(--seeds --no-commands --update docs/results_cpu.md --only pretrain linear)
-  python results_table.py $(dirs "${HEAD[@]}") --config proj_layers "${doc[@]}" --marker simclr_head
-  python results_table.py $(dirs "${BATCH[@]}") --config batch_size "${doc[@]}" --marker simclr_batch
-  python results_table.py $(dirs "${AUG[@]}") --config aug "${doc[@]}" --marker simclr_aug
+  local spec marker key runs
+  for spec in "simclr_head proj_layers HEAD" "simclr_batch batch_size BATCH" "simclr_aug aug AUG"; do
+    read -r marker key list <<<"$spec"
+    local -n settings=$list
+    mapfile -t runs < <(dirs "${settings[@]}")
+    if ((${#runs[@]} == 0)); then
+      echo "warning: no runs of $marker yet (bash scripts/simclr_ablations.sh run)" >&2
+      continue
+    fi
+    python results_table.py "${runs[@]}" --config "$key" "${doc[@]}" --marker "$marker"
+    python results_table.py "${runs[@]}" --config "$key" --seeds --brief \
+      --update README.md --marker "${marker}_brief"
+  done
 }
 
 case ${1:-} in
