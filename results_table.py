@@ -301,7 +301,8 @@ def _brief_table(rows: dict, columns: list, seeds: bool) -> str:
     ]
     header = [c[2] for c in config] + ["seeds"] * seeds + [c[2] for c in probe]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---:"] * len(header)) + "|"]
-    for (_, random_init), row in rows.items():
+    ordered = sorted(rows.items(), key=lambda kv: kv[0][1])  # untrained rows last (stable)
+    for (_, random_init), row in ordered:
         vals = [format_cell(list(row["cells"].get(c, {}).values()), c[3]) for c in config]
         if random_init and vals:
             vals[0] = "untrained"

@@ -86,6 +86,9 @@ tables() {
     read -r marker key list <<<"$spec"
     local -n settings=$list
     mapfile -t runs < <(dirs "${settings[@]}")
+    # the untrained network's probe (in the baseline's folder) as every table's last row
+    local untrained=$R/base/eval_linear_random_init.json
+    if [[ -s $untrained && ! " ${runs[*]} " =~ " $R/base " ]]; then runs+=("$untrained"); fi
     if ((${#runs[@]} == 0)); then
       echo "warning: no runs of $marker yet (bash scripts/simclr_ablations.sh run)" >&2
       continue
