@@ -124,6 +124,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     t.set_defaults(limit_test=2000)
     t.add_argument("--perplexity", type=float, default=30.0)
     t.add_argument("--png", default="tsne.png", help="file name inside --out")
+    t.add_argument(
+        "--with-random-init",
+        action="store_true",
+        help="after the runs' panels, one panel of each distinct architecture untrained (the "
+        "same network at random init, fed the same input): the baseline to compare with",
+    )
 
     f = sub.add_parser("finetune", parents=[common], help="fine-tune with 1%% / 10%% of labels")
     f.add_argument("--pcts", type=float, nargs="+", default=[1.0, 10.0], help="label percents")
@@ -297,19 +303,36 @@ def plot_tsne(panels: list[tuple], path: Path) -> None:
     plt.close(fig)
 
 
+def untrained_twins(args: argparse.Namespace) -> list[str]:
+    """--with-random-init: the runs whose architecture and input (backbone, width, channels,
+    input transform) no earlier run shares; each gets an untrained panel."""
+    seen, out = set(), []
+    for run in args.runs:
+        cfg = linear_probe.read_checkpoint(run)["config"]
+        key = tuple(str(cfg.get(k)) for k in ("backbone", "width", "in_chans", "input", "stem"))
+        if key not in seen:
+            seen.add(key)
+            out.append(run)
+    return out
+
+
 def tsne(args: argparse.Namespace, device: torch.device) -> dict:
     t0 = time.time()
     panels, runs = [], []
-    for run in args.runs:
-        backbone, state = load_backbone(run, args, device)
+    jobs = [(run, args.random_init) for run in args.runs]
+    if getattr(args, "with_random_init", False) and not args.random_init:
+        jobs += [(run, True) for run in untrained_twins(args)]
+    for run, random_init in jobs:
+        job_args = argparse.Namespace(**{**vars(args), "random_init": random_init})
+        backbone, state = load_backbone(run, job_args, device)
         _, test, prepare, data = load_data(args, state["config"])  # same seed: same images
         feats, labels = extract_features(backbone, test, device, prepare=prepare)
         if D.is_main():
             emb = tsne_embed(feats, args.perplexity, args.seed)
-            title = f"{state['method']}{' (random init)' if args.random_init else ''}"
+            title = f"{state['method']}{' (random init)' if random_init else ''}"
             title += f"\n{run_dir(run).name}, {test.name}"
             panels.append((title, emb, labels.cpu().numpy(), test.classes))
-        runs.append(header(args, run, state, data))
+        runs.append(header(job_args, run, state, data))
     out = Path(args.out) if args.out else run_dir(args.runs[0])
     png = out / args.png
     if D.is_main():

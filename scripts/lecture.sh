@@ -120,7 +120,7 @@ evaluate() {
     runs+=("$R/$m")
   done
   [[ -f $R/tsne.done ]] && return 0
-  python evaluate.py tsne "${runs[@]}" --out docs --png tsne_cpu.png --no-save
+  python evaluate.py tsne "${runs[@]}" --with-random-init --out docs --png tsne_cpu.png --no-save
   touch "$R/tsne.done"
 }
 

@@ -370,3 +370,20 @@ def test_probe_upsample_matches_torchvision_resize():
     got = linear_probe.upsampled(u8, prepare, 3)
     want = TF.resize(prepare(u8), [24, 24], interpolation=TF.InterpolationMode.BILINEAR)
     assert got.shape == (2, 3, 24, 24) and torch.allclose(got, want, atol=1e-6)
+
+
+def test_tsne_with_random_init_adds_one_untrained_panel_per_architecture(
+    tiny_run, vit_run, tmp_path
+):
+    """--with-random-init: after the trained panels, the untrained twin of each distinct
+    architecture (a second run of the same network gets none)."""
+    res = ev(
+        "tsne", tiny_run, vit_run, tiny_run, "--limit-test", 60, "--out", tmp_path,
+        "--with-random-init",
+    )  # fmt: skip
+    got = [(r["method"], r["random_init"]) for r in res["runs"]]
+    assert got == [
+        ("simclr", False), ("mae", False), ("simclr", False), ("simclr", True), ("mae", True)
+    ]  # fmt: skip
+    with Image.open(tmp_path / "tsne.png") as im:
+        assert im.format == "PNG" and im.height > 1.2 * im.width / 3 * 1.5  # two rows of panels
