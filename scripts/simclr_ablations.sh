@@ -13,7 +13,7 @@
 # batch-256 (linear lr scaling), crop + colour run is the shared baseline of the head and
 # augmentation tables.
 #
-#   bash scripts/simclr_ablations.sh run      # 48 runs of ~3 min on one core, JOBS at a time
+#   bash scripts/simclr_ablations.sh run      # 48 runs + probes, ~5 min each on one core: ~2 h
 #   bash scripts/simclr_ablations.sh memory   # the NT-Xent op's peak memory per batch size
 #   bash scripts/simclr_ablations.sh tables   # the tables, mean ± std over the seeds
 #
