@@ -43,7 +43,7 @@ import torch
 from common.outputs import os_error_reason
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the plain-named cache is always the data's own size
 DEFAULT_DATA = "./data"
 SPLIT_DIRS = {"train": ("train",), "test": ("test", "val")}
 SIZE_SAMPLE = 256  # training images whose header sizes decide the cache's image size
@@ -347,13 +347,20 @@ def _common_size(files: _Files) -> int:
 
 
 def _build_cache(src: Path, kind: str, cache_dir: Path, size: int | None = None) -> Path:
-    root = cache_dir / f"{src.name.split('.')[0]}-{_source_key(src)}"
-    if size is not None and _cached_size(root) not in (None, size):
-        root = root.with_name(f"{root.name}-{size}px")  # --image-size other than the data's
-    if (root / "meta.json").exists():
-        return root
+    # The plain name holds the data at its own size (decided from the headers), the cache a run
+    # without --image-size reads; any other size lives beside it under NAME-{size}px, whichever
+    # run decodes first (a run at 96 px must not leave 96 px images where 224 px ones belong).
+    base = cache_dir / f"{src.name.split('.')[0]}-{_source_key(src)}"
+    sized = base.with_name(f"{base.name}-{size}px")  # used only when size is given
+    base_size = _cached_size(base)  # None: not decoded yet
+    if base_size is not None and size in (None, base_size):
+        return base
+    if size is not None and _cached_size(sized) == size:
+        return sized
     files = _list_tar(src) if kind == "tar" else _list_folder(src)
-    size = size or _common_size(files)
+    native = _common_size(files)
+    size = size or native
+    root = base if size == native else sized
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache_dir))

@@ -112,6 +112,20 @@ def test_image_size_flag_keeps_its_own_cache(tmp_path):
     assert len(list((tmp_path / "c").iterdir())) == 2  # the auto cache, reused at 16; one at 20
 
 
+def test_image_size_flag_first_leaves_the_native_cache_alone(tmp_path):
+    # A run with --image-size decodes first (jigsaw at 96 px), then one without it (context):
+    # the second must get the data's own size, not the first run's resized images.
+    root = tmp_path / "set"
+    for i in range(3):
+        write_image(root / "train" / "a" / f"{i}.png", (16, 16), seed=i)
+    small = load_split(root, "train", cache_dir=tmp_path / "c", image_size=8)
+    auto = load_split(root, "train", cache_dir=tmp_path / "c")
+    same = load_split(root, "train", cache_dir=tmp_path / "c", image_size=16)
+    assert small.image_size == 8 and auto.image_size == same.image_size == 16
+    assert torch.equal(auto.images, same.images)
+    assert len(list((tmp_path / "c").iterdir())) == 2  # one at 8 px, the native one reused
+
+
 def test_links_and_names(tmp_path):
     """A symlink loop or a broken link is named; a name that is not UTF-8 is just a name (its
     class shown with escapes)."""
