@@ -14,6 +14,7 @@ import torch
 import jigsaw
 from common.checkpoint import load_checkpoint
 from common.train import ConfigError, apply_preset
+from conftest import _top1, probe_vs_untrained
 from conftest import quick_probe as probe
 
 
@@ -164,6 +165,39 @@ def test_linear_probe_evaluates_the_checkpoint(tiny_run, monkeypatch):
     res = probe(out, monkeypatch, "--layer", "3")
     assert res["method"] == "jigsaw" and res["layer"] == 3 and res["num_test"] == 1000
     assert 10 < res["linear_top1"] <= 100 and 10 < res["knn_top1"] <= 100  # above chance (10%)
+
+
+@pytest.fixture(scope="module")
+def learned_run(nette_tar, tmp_path_factory):
+    """Jigsaw where it learns features within a test: Imagenette at 96 px (32 px cells, 27 px
+    tiles, the ImageNet stem), the `cpu` preset's puzzles (P = 100) for 5 epochs of its 9,469
+    train images, ~5 minutes on one core. On CIFAR-10's 6 px tiles even the whole `cpu` preset
+    (550k puzzles, ~12 minutes on 2 cores) does not clear a margin on this probe (measured
+    2026-12-05, linear at block 3: 35.7 trained vs 34.0 untrained)."""
+    out = tmp_path_factory.mktemp("jigsaw_learned")
+    argv = ["--preset", "cpu", "--data", nette_tar, "--image-size", "96", "--epochs", "5"]
+    argv += ["--out", str(out), "--device", "cpu", "--knn-bank", "500", "--limit-test", "500"]
+    jigsaw.main(apply_preset(jigsaw.get_args_parser().parse_args(argv), jigsaw.PRESETS))
+    return out
+
+
+# Measured on that run (2026-12-05, 2-core machine, one core), on the probe's 1,000 test
+# images: last stage linear 32.1 trained vs 27.9 untrained (+4.2), k-NN 28.3 vs 23.7 (+4.6);
+# block 3 linear 37.4 vs 33.3 (+4.1), k-NN 27.9 vs 25.5 (+2.4). An untrained trunk of another
+# seed in the trained one's place: linear 31.1 (+3.2: this probe's linear spread on Imagenette is
+# wide), k-NN 24.9 (+1.2): the test fails on k-NN, so both are asserted.
+MARGIN = 2.0
+
+
+@pytest.mark.slow
+def test_probe_beats_the_untrained_network(learned_run, monkeypatch):
+    """Linear probe and k-NN on the trained trunk beat the same trunk untrained (same stage,
+    same 96 px input, same probe) by MARGIN points: fails when nothing is learned."""
+    trained, rand = probe_vs_untrained(learned_run, monkeypatch)
+    assert trained["method"] == "jigsaw" and trained["num_test"] == 1000
+    why = f"trained {_top1(trained)} vs untrained {_top1(rand)} (linear, k-NN)"
+    assert trained["linear_top1"] > rand["linear_top1"] + MARGIN, why
+    assert trained["knn_top1"] > rand["knn_top1"] + MARGIN, why
 
 
 def test_resume_continues_exactly(cifar_tar, tmp_path):
