@@ -10,10 +10,11 @@
               class, drawn with --seed; the index lists are saved to
               SUBSET_DIR/subset_{pct}pct_seed{seed}.json and re-used, so every method sees the
               same images. Flip + random-resized-crop augmentation, cosine lr, top-1 on the test
-              set. ResNets: SimCLR's recipe (Nesterov SGD, lr 0.05 x batch/256, no weight decay,
-              60 epochs for 1%, 30 for 10%). ViTs (MAE): the MAE fine-tuning essentials (AdamW,
-              lr 1e-3 x batch/256, weight decay 0.05, layer-wise lr decay 0.75, 5 warm-up
-              epochs, label smoothing 0.1).
+              set. `--pcts 100` alone is full fine-tuning (every label), saved on its own as
+              eval_finetune_full.json. ResNets: SimCLR's recipe (Nesterov SGD, lr 0.05 x
+              batch/256, no weight decay, 60 epochs for 1%, 30 for 10%). ViTs (MAE): the MAE
+              fine-tuning essentials (AdamW, lr 1e-3 x batch/256, weight decay 0.05,
+              layer-wise lr decay 0.75, 5 warm-up epochs, label smoothing 0.1).
   transfer    the standard transfer protocol: frozen features of the pre-trained backbone on
               another dataset (--data TARGET, e.g. STL-10 or any ImageFolder; images resized to
               the pre-training resolution), a linear probe (+ k-NN) trained on the target's
@@ -132,7 +133,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
 
     f = sub.add_parser("finetune", parents=[common], help="fine-tune with 1%% / 10%% of labels")
-    f.add_argument("--pcts", type=float, nargs="+", default=[1.0, 10.0], help="label percents")
+    f.add_argument(
+        "--pcts",
+        type=float,
+        nargs="+",
+        default=[1.0, 10.0],
+        help="label percents; 100 alone is full fine-tuning, saved as eval_finetune_full.json",
+    )
     f.add_argument("--subset-dir", help="where subset index lists live (default: --out)")
     f.add_argument("--epochs", type=int, help="default: 60 for <= 1%% of the labels, else 30")
     f.add_argument("--batch-size", type=int, default=256, help="global batch size")
@@ -582,7 +589,10 @@ def finetune(args: argparse.Namespace, run: str, device: torch.device) -> dict:
             "subset": str(subset_file),
             **stats,
         }
-    return finish(args, result, run_dir(run), "finetune", t0)
+    # Full fine-tuning alone (--pcts 100) gets a file of its own, so the few-label results in
+    # eval_finetune.json stay next to it (the lecture's "linear probe vs fine-tuning" table).
+    name = "finetune_full" if args.pcts == [100.0] else "finetune"
+    return finish(args, result, run_dir(run), name, t0)
 
 
 # ------------------------------------------------------------------------------- 4. transfer

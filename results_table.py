@@ -327,9 +327,10 @@ def format_cell(values: list, fmt: str) -> str:
 
 def build_narrow(results: list[tuple[Path, dict]]) -> str:
     """The README's summary: one row per trained run, "method | train min | linear | k-NN",
-    each probe cell "trained / untrained". The untrained numbers are the run's own random-init
-    row, else the first random-init row (in argument order) of the same backbone and width
-    (one untrained RGB ResNet serves SimCLR, RotNet, jigsaw and inpainting alike)."""
+    each probe cell "trained / untrained", and "fine-tune 100%" the same way where a run has
+    full fine-tuning (evaluate.py finetune --pcts 100). The untrained numbers are the run's own
+    random-init row, else the first random-init row (in argument order) of the same backbone
+    and width (one untrained RGB ResNet serves SimCLR, RotNet, jigsaw and inpainting alike)."""
     runs: dict[tuple[str, bool], dict] = {}
     for folder, rec in results:
         proto = protocol_of(rec)
@@ -344,6 +345,8 @@ def build_narrow(results: list[tuple[Path, dict]]) -> str:
         ):
             row |= {k: rec.get(k) for k in ("linear_top1", "knn_top1", "backbone", "width")}
             row.setdefault("method", rec.get("method"))
+        elif proto == "finetune" and isinstance(rec.get("finetune_100pct_top1"), (int, float)):
+            row["full_ft"] = rec["finetune_100pct_top1"]
     untrained = [(f, r) for (f, ri), r in runs.items() if ri and "linear_top1" in r]
 
     def baseline(folder: str, row: dict) -> dict:
@@ -360,8 +363,10 @@ def build_narrow(results: list[tuple[Path, dict]]) -> str:
     def pair(a, b) -> str:
         return " / ".join("-" if v is None else f"{v:.1f}" for v in (a, b))  # -: no baseline
 
-    lines = ["| method | train min | linear (trained / untrained) | k-NN (trained / untrained) |"]
-    lines.append("|---|---:|---:|---:|")
+    full_ft = any("full_ft" in r for (_, ri), r in runs.items() if not ri)
+    head = "| method | train min | linear (trained / untrained) | k-NN (trained / untrained) |"
+    lines = [head + (" fine-tune 100% (trained / untrained) |" if full_ft else "")]
+    lines.append("|---|---:|---:|---:|" + ("---:|" if full_ft else ""))
     for (folder, ri), row in runs.items():
         if ri or "linear_top1" not in row:
             continue
@@ -369,7 +374,8 @@ def build_narrow(results: list[tuple[Path, dict]]) -> str:
         minutes = "" if row.get("minutes") is None else f"{row['minutes']:.1f}"
         lin = pair(row["linear_top1"], base.get("linear_top1"))
         knn = pair(row["knn_top1"], base.get("knn_top1"))
-        lines.append(f"| {row['method']} | {minutes} | {lin} | {knn} |")
+        ft = f" {pair(row.get('full_ft'), base.get('full_ft'))} |" if full_ft else ""
+        lines.append(f"| {row['method']} | {minutes} | {lin} | {knn} |{ft}")
     return "\n".join(lines) + "\n"
 
 

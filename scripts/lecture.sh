@@ -7,7 +7,7 @@
 #
 #   bash scripts/lecture.sh pretrain   # 6 methods x 6 min + context's neighbour-only ablation
 #                                      # + MAE's 4 maskings x 3 epochs: ~55 min on 2 cores
-#   bash scripts/lecture.sh evaluate   # every protocol for every run: ~50 min on 2 cores
+#   bash scripts/lecture.sh evaluate   # every protocol for every run: ~75 min on 2 cores
 #   bash scripts/lecture.sh seeds      # MAE's 4 maskings with seeds 1 and 2 (seed 0: pretrain),
 #                                      # each probed: the ablation's mean +- std over 3 seeds
 #   bash scripts/lecture.sh tables     # docs/results_cpu.md's tables (<!-- results:lecture_* -->),
@@ -36,6 +36,9 @@ METHODS="simclr rotnet jigsaw context colorize inpainting mae_random0.75"
 BASELINES="simclr context colorize mae_random0.75"
 PROBE=(--limit-train 10000)
 FINETUNE=(--subset-dir "$R/subsets" --epochs 10 --batch-size 64)
+# Full fine-tuning (every label) for as many steps as the 10% column: one epoch of 50,000 images,
+# warm-up a tenth of it for every net (the ViT recipe's 5 epochs would leave the lr rising).
+FULL_FT=(--subset-dir "$R/subsets" --pcts 100 --epochs 1 --batch-size 64 --warmup-epochs 0.1)
 ROBUST=(--limit-train 10000 --limit-test 2000)
 
 # Run the commands on stdin (one per line), JOBS at a time; fail if any fails. DRY=1: print
@@ -93,6 +96,7 @@ protocols() {
   todo "$r/eval_linear$s.json" python linear_probe.py "$r" "${PROBE[@]}" "${x[@]}"
   todo "$r/eval_cluster$s.json" python evaluate.py cluster "$r" "${x[@]}"
   todo "$r/eval_finetune$s.json" python evaluate.py finetune "$r" "${FINETUNE[@]}" "${x[@]}"
+  todo "$r/eval_finetune_full$s.json" python evaluate.py finetune "$r" "${FULL_FT[@]}" "${x[@]}"
   todo "$r/eval_robustness$s.json" python evaluate.py robustness "$r" "${ROBUST[@]}" "${x[@]}"
   todo "$r/eval_transfer_imagenette2-224$s.json" python evaluate.py transfer "$r" --data "$NETTE" "${x[@]}"
   todo "$r/eval_transfer_digits$s.json" python evaluate.py transfer "$r" --data "$R/digits" "${x[@]}"

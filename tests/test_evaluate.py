@@ -118,6 +118,29 @@ def test_finetune_few_labels_subsets_and_random_init(tiny_run, tmp_path):
         evaluate.few_label_subset(other, 0.2, 0, subsets)
 
 
+def test_full_finetune_uses_every_label_and_its_own_file(tiny_run, tmp_path, monkeypatch):
+    """--pcts 100: every training image, saved as eval_finetune_full.json beside (not over) the
+    few-label results. The training itself is stubbed: this checks the subset and the file."""
+    seen = {}
+
+    def fake_train(model, subset, *a, **kw):
+        seen["n"] = len(subset.labels)
+        return {"steps": 0}
+
+    monkeypatch.setattr(evaluate, "train_classifier", fake_train)
+    few = tiny_run / "eval_finetune.json"
+    before = few.read_bytes() if few.exists() else None
+    few.write_text('{"protocol": "finetune", "finetune_1pct_top1": 12.5}')
+    flags = ["--epochs", 1, "--limit-test", 100, "--subset-dir", tmp_path]
+    res = ev("finetune", tiny_run, "--pcts", 100, *flags)
+    assert seen["n"] == 50_000 and res["runs"]["100"]["num_labels"] == 50_000
+    saved = json.loads((tiny_run / "eval_finetune_full.json").read_text())
+    assert saved["finetune_100pct_top1"] == res["finetune_100pct_top1"]
+    assert json.loads(few.read_text())["finetune_1pct_top1"] == 12.5  # untouched
+    few.write_bytes(before) if before is not None else few.unlink()  # as the other tests left it
+    (tiny_run / "eval_finetune_full.json").unlink()
+
+
 def test_finetune_vit_uses_the_mae_recipe(vit_run, tmp_path):
     flags = "--pcts 0.2 --epochs 2 --batch-size 50 --warmup-epochs 1 --limit-test 100"
     res = ev("finetune", vit_run, *flags.split(), "--subset-dir", tmp_path)

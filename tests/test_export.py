@@ -7,6 +7,7 @@ stored mean/std with statistics computed here from the images themselves; and th
 """
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -203,4 +204,20 @@ def test_results_table_narrow_pairs_each_run_with_its_baseline(tmp_path):
         "| rotnet | 6.3 | 36.6 / 34.3 | 32.9 / 29.0 |",
         "| context | 5.7 | 29.2 / 32.8 | 22.9 / 28.5 |",
         "| jigsaw | 5.9 | 35.6 / - | 30.6 / - |",
+    ]
+    # Full fine-tuning (--pcts 100) adds a column, paired with the baseline the same way; the
+    # few-label results (eval_finetune.json) stay out of it.
+    for folder, ri, top1 in ((a, False, 60.1), (a, True, 52.3), (c, False, 55.0)):
+        rec = {"protocol": "finetune", "method": "x", "random_init": ri}
+        name = "eval_finetune_full" + ("_random_init" if ri else "")
+        (Path(folder) / f"{name}.json").write_text(json.dumps(rec | {"finetune_100pct_top1": top1}))
+    few = {"protocol": "finetune", "random_init": False, "finetune_10pct_top1": 1.0}
+    (Path(b) / "eval_finetune.json").write_text(json.dumps(few))
+    table = results_table.main([a, b, c, d, "--narrow"])
+    assert table.splitlines()[0].endswith("| fine-tune 100% (trained / untrained) |")
+    assert table.splitlines()[2:] == [
+        "| simclr | 8.0 | 49.0 / 34.3 | 44.4 / 29.0 | 60.1 / 52.3 |",
+        "| rotnet | 6.3 | 36.6 / 34.3 | 32.9 / 29.0 | - / 52.3 |",
+        "| context | 5.7 | 29.2 / 32.8 | 22.9 / 28.5 | 55.0 / - |",
+        "| jigsaw | 5.9 | 35.6 / - | 30.6 / - | - / - |",
     ]
