@@ -157,19 +157,18 @@ def test_resume_with_another_backbone_names_the_difference(cifar_tar, tmp_path):
 def torchrun(cifar_tar, out, fault, timeout=240):
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     args += ["tests/inject.py", fault] + cmd(cifar_tar, out)[1:]
-    t0 = time.time()
-    r = run(args, timeout=timeout)
-    return r, time.time() - t0
+    return run(args, timeout=timeout)
 
 
 def test_a_failing_rank_ends_the_job(cifar_tar, tmp_path):
-    r, seconds = torchrun(cifar_tar, tmp_path, "raise@rank1:step2")
+    # No hang until the 600 s collective timeout: a job still alive at torchrun()'s 240 s
+    # process timeout raises TimeoutExpired (a bound on a hang, not a timing of the run).
+    r = torchrun(cifar_tar, tmp_path, "raise@rank1:step2")
     assert r.returncode != 0 and "injected failure on rank 1" in r.stderr
-    assert seconds < 180  # no hang until the 600 s collective timeout
 
 
 def test_ranks_with_different_configs_refuse_to_start(cifar_tar, tmp_path):
-    r, _ = torchrun(cifar_tar, tmp_path, "cfg@rank1")
+    r = torchrun(cifar_tar, tmp_path, "cfg@rank1")
     assert r.returncode != 0
     assert "rank 1 runs a different config than rank 0: lr=1.0 vs 0.123" in r.stderr
     assert not (tmp_path / "checkpoint.pt").exists()
@@ -184,8 +183,7 @@ def test_unreachable_peer_fails_with_a_message(cifar_tar, tmp_path):
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(free_port()),
     }
-    t0 = time.time()
-    r = subprocess.run(
+    r = subprocess.run(  # (a rank that never gives up raises TimeoutExpired at 120 s)
         cmd(cifar_tar, tmp_path, "--dist-timeout", "5"),
         cwd=ROOT,
         env=env,
@@ -193,6 +191,6 @@ def test_unreachable_peer_fails_with_a_message(cifar_tar, tmp_path):
         text=True,
         timeout=120,
     )
-    assert r.returncode == EXIT_CONFIG and time.time() - t0 < 90
+    assert r.returncode == EXIT_CONFIG
     assert "rank 1 could not join the process group at 127.0.0.1" in r.stderr
     assert "Traceback" not in r.stderr
