@@ -10,6 +10,9 @@
 #   bash scripts/lecture.sh evaluate   # every protocol for every run: ~75 min on 2 cores
 #   bash scripts/lecture.sh seeds      # MAE's 4 maskings with seeds 1 and 2 (seed 0: pretrain),
 #                                      # each probed: the ablation's mean +- std over 3 seeds
+#   bash scripts/lecture.sh method-seeds  # SimCLR, RotNet, jigsaw and context (the summary's
+#                                      # orders within 3 points) with seeds 0-2, each probed, and
+#                                      # their untrained networks with init seeds 0-2: ~75 min
 #   bash scripts/lecture.sh tables     # docs/results_cpu.md's tables (<!-- results:lecture_* -->),
 #                                      # the README's summary (<!-- results:summary -->)
 #   bash scripts/lecture.sh            # all three
@@ -30,6 +33,9 @@ MAE_EPOCHS=3  # the masking ablation compares equal epochs, not equal minutes
 MASKINGS=("random 0.75" "block 0.5" "block 0.75" "grid 0.75")  # MAE's masking ablation
 SEEDS="1 2"   # extra seeds of the ablation (seed 0 is the pretrain stage's run)
 METHODS="simclr rotnet jigsaw context colorize inpainting mae_random0.75"
+# The summary's orders closer than 3 points: SimCLR against MAE (whose 3 seeds are the masking
+# ablation's), RotNet, jigsaw and context against their untrained networks.
+SEED_METHODS="simclr rotnet jigsaw context"
 # Random-init baselines, one per distinct (architecture, input): the RGB ResNet-18 (width 16,
 # CIFAR stem: simclr, rotnet, jigsaw and inpainting build the same untrained weights), context's
 # (same net, green-magenta projected input), colorization's 1-channel ResNet, MAE's ViT.
@@ -54,11 +60,18 @@ todo() {
 }
 done_run() { grep -qs '"result"' "$1/log.jsonl"; }
 
+# The pre-training command of method $1 into $2 (seed $3: default 0): its CPU preset (SimCLR's
+# fast one) for BUDGET minutes.
+pretrain_cmd() {
+  local preset=cpu
+  [[ $1 == simclr ]] && preset=fast
+  echo "python $1.py --preset $preset --time-budget $BUDGET ${3:+--seed $3 }--data $DATA --out $2 --fresh"
+}
+
 pretrain() {
   {
-    done_run "$R/simclr" || echo "python simclr.py --preset fast --time-budget $BUDGET --data $DATA --out $R/simclr --fresh"
-    for m in rotnet jigsaw context colorize inpainting; do
-      done_run "$R/$m" || echo "python $m.py --preset cpu --time-budget $BUDGET --data $DATA --out $R/$m --fresh"
+    for m in simclr rotnet jigsaw context colorize inpainting; do
+      done_run "$R/$m" || pretrain_cmd "$m" "$R/$m"
     done
     # context's ablation: the position from the neighbour patch alone
     done_run "$R/context_neighbour_only" || echo "python context.py --preset cpu --time-budget $BUDGET --neighbour-only --data $DATA --out $R/context_neighbour_only --fresh"
@@ -83,6 +96,35 @@ seeds() {
         else
           todo "$r/eval_linear.json" python linear_probe.py "$r" "${PROBE[@]}"
         fi
+      done
+    done
+  } | parallel
+}
+
+# SEED_METHODS with seeds 0-2 (seed 0 is the pretrain stage's run, rerun here if missing), each
+# probed with the probe's seed fixed; then the untrained networks (RGB ResNet, context's
+# projected-input one) probed with init seeds 0-2 (--seed also draws the probe's subset).
+method_seeds() {
+  local m s r
+  {
+    for s in 0 $SEEDS; do
+      for m in $SEED_METHODS; do
+        r=$R/$m
+        ((s == 0)) || r=${r}_s$s
+        if ! done_run "$r"; then
+          echo "$(pretrain_cmd "$m" "$r" "${s#0}") && python linear_probe.py $r ${PROBE[*]}"
+        else
+          todo "$r/eval_linear.json" python linear_probe.py "$r" "${PROBE[@]}"
+        fi
+      done
+    done
+  } | parallel
+  {
+    for s in 0 $SEEDS; do
+      for m in simclr context; do
+        r=$R/$m
+        ((s == 0)) || r=${r}_s$s
+        todo "$r/eval_linear_random_init.json" python linear_probe.py "$r" "${PROBE[@]}" --random-init --seed "$s"
       done
     done
   } | parallel
@@ -143,6 +185,14 @@ tables() {
     for s in "" $(printf "_s%s " $SEEDS); do mae+=("$R/mae_${mk/ /}$s"); done
   done
   python results_table.py "${mae[@]}" --seeds --only pretrain linear "${doc[@]}" --marker mae_ablation
+  # the summary's close orders, mean ± std over seeds 0-2 (once the method-seeds stage ran)
+  if done_run "$R/context_s2"; then
+    local close=()
+    for m in $SEED_METHODS; do
+      for s in "" _s1 _s2; do close+=("$R/$m$s"); done
+    done
+    python results_table.py "${close[@]}" --seeds --only pretrain linear "${doc[@]}" --marker lecture_seeds
+  fi
   python results_table.py "${runs[@]}" --narrow --update README.md --marker summary
 }
 
@@ -150,10 +200,11 @@ case ${1:-all} in
 pretrain) pretrain ;;
 evaluate) evaluate ;;
 seeds) seeds ;;
+method-seeds) method_seeds ;;
 tables) tables ;;
 all) pretrain && evaluate && tables ;;
 *)
-  echo "usage: bash scripts/lecture.sh [pretrain|evaluate|seeds|tables]" >&2
+  echo "usage: bash scripts/lecture.sh [pretrain|evaluate|seeds|method-seeds|tables]" >&2
   exit 2
   ;;
 esac

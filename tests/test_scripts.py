@@ -119,6 +119,29 @@ def test_lecture_seeds_stage_reruns_the_mae_ablation_with_two_more_seeds(tmp_pat
     assert len(lecture("seeds", tmp_path)) == 7
 
 
+def test_lecture_method_seeds_reruns_the_close_orders_with_three_seeds(tmp_path):
+    cmds = lecture("method-seeds", tmp_path)
+    trains = [c for c in cmds if "--time-budget" in c]
+    untrained = [c for c in cmds if "--random-init" in c]
+    assert len(trains) == 12 and len(untrained) == 6 and len(cmds) == 18
+    # each method's seed-0 command is the pretrain stage's, byte for byte (then probed)
+    pretrain = lecture("pretrain", tmp_path)
+    for m in ("simclr", "rotnet", "jigsaw", "context"):
+        runs = [c for c in trains if c.startswith(f"python {m}.py ")]
+        seeds = sorted(c.split("--seed ")[1].split()[0] if "--seed" in c else "0" for c in runs)
+        assert seeds == ["0", "1", "2"], runs
+        seed0 = next(c for c in runs if "--seed" not in c)
+        first, probe = seed0.split(" && ")
+        assert (
+            first in pretrain
+            and probe == f"python linear_probe.py {tmp_path}/{m} --limit-train 10000"
+        )
+    # the untrained nets: init seeds 0-2 for the RGB ResNet (simclr's) and context's input
+    pairs = sorted((c.split()[2].rsplit("/", 1)[1], c.split("--seed ")[1]) for c in untrained)
+    expect = [("context", "0"), ("context_s1", "1"), ("context_s2", "2")]
+    assert pairs == sorted(expect + [(a.replace("context", "simclr"), b) for a, b in expect])
+
+
 def simclr_ablations(stage, runs):
     r = subprocess.run(
         ["bash", str(ROOT / "scripts" / "simclr_ablations.sh"), stage],
