@@ -244,15 +244,16 @@ def build_table(
             name = SEED_SUFFIX.sub("", name)
         row = rows.setdefault(
             (name, random_init),
-            {"cells": {}, "commands": [], "method": None, "epochs": None, "seeds": set()},
+            {"cells": {}, "commands": [], "method": None, "epochs": {}, "seeds": set()},
         )
         row["seeds"].add(folder)
         row["method"] = row["method"] or rec.get("method")
         ep = rec.get("epochs")
         if isinstance(ep, (int, float)) and not isinstance(ep, bool):
-            # the run's own count wins (a --time-budget run: 1.86, not its preset's 100)
-            if proto == "pretrain" or row["epochs"] is None:
-                row["epochs"] = ep if proto == "pretrain" else int(ep)
+            # the run's own count wins (a --time-budget run: 1.86, not its preset's 100); one
+            # per seed folder
+            if proto == "pretrain" or folder not in row["epochs"]:
+                row["epochs"][folder] = ep if proto == "pretrain" else int(ep)
         if only and proto not in only and proto != "config":
             continue  # (its epoch count is kept above)
         for col, v in cells(rec).items():  # one value per seed folder
@@ -277,7 +278,7 @@ def build_table(
         method = (row["method"] or "?") + (" (random init)" if random_init else "")
         if folder in marks and not random_init:
             method += f" ({marks[folder]})"
-        epochs = "" if row["epochs"] is None or random_init else f"{row['epochs']:g}"
+        epochs = "" if random_init else _epochs_cell(list(row["epochs"].values()))
         vals = [name, method, epochs] + [str(len(row["seeds"]))] * seeds
         for col in columns:
             vals.append(format_cell(list(row["cells"].get(col, {}).values()), col[3]))
@@ -285,6 +286,15 @@ def build_table(
             vals.append("<br>".join(f"`{c}`" for c in row["commands"]))
         lines.append("| " + " | ".join(_escape(v) for v in vals) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _epochs_cell(counts: list) -> str:
+    """The epochs of a row's seed folders: the count they share, else their range (time-budgeted
+    runs end at different counts)."""
+    if not counts:
+        return ""
+    lo, hi = min(counts), max(counts)
+    return f"{lo:g}" if lo == hi else f"{lo:g}-{hi:g}"
 
 
 def _brief_table(rows: dict, columns: list, seeds: bool) -> str:

@@ -102,8 +102,11 @@ def test_seeds_table_is_mean_and_std_over_seed_folders(tmp_path):
     values = {"base": 40.0, "base_s1": 43.0, "base_s2": 41.5, "other": 30.0}
     for name, v in values.items():
         (tmp_path / name).mkdir()
-        rec = {"method": "simclr", "linear_top1": v, "knn_top1": v - 5, "epochs": 2}
+        rec = {"method": "simclr", "linear_top1": v, "knn_top1": v - 5, "epochs": 100}
         (tmp_path / name / "eval_linear.json").write_text(json.dumps(rec))
+        # time-budgeted pre-training: each seed ends at its own epoch count (a range in the row)
+        pre = {"result": {"method": "simclr", "epochs": 1.5 + v / 100}}
+        (tmp_path / name / "log.jsonl").write_text(json.dumps(pre) + "\n")
     table = results_table.main([str(tmp_path / n) for n in values] + ["--seeds"])
     rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()[2:]}
     trio = [40.0, 43.0, 41.5]
@@ -111,7 +114,8 @@ def test_seeds_table_is_mean_and_std_over_seed_folders(tmp_path):
     assert f"| 3 | {mean:.1f} ± {std:.1f} | {mean - 5:.1f} ± {std:.1f} |" in rows[
         str(tmp_path / "base")
     ].replace(str(tmp_path), "")  # fmt: skip
-    assert "| 1 | 30.0 | 25.0 |" in rows[str(tmp_path / "other")]
+    assert "| simclr | 1.9-1.93 | 3 |" in rows[str(tmp_path / "base")]
+    assert "| simclr | 1.8 | 1 |" in rows[str(tmp_path / "other")]
     assert len(rows) == 2
     # Equal values (a config column, the parameter count) are shown once, not as "x ± 0".
     assert results_table.format_cell([128, 128], "{}") == "128"
