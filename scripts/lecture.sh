@@ -60,6 +60,11 @@ todo() {
 }
 done_run() { grep -qs '"result"' "$1/log.jsonl"; }
 
+# A run's folder: $R/NAME for seed 0, $R/NAME_sSEED for the others ($1 NAME, $2 SEED).
+seed_dir() {
+  if (($2 == 0)); then echo "$R/$1"; else echo "$R/$1_s$2"; fi
+}
+
 # The pre-training command of method $1 into $2 (seed $3: default 0): its CPU preset (SimCLR's
 # fast one) for BUDGET minutes.
 pretrain_cmd() {
@@ -109,8 +114,7 @@ method_seeds() {
   {
     for s in 0 $SEEDS; do
       for m in $SEED_METHODS; do
-        r=$R/$m
-        ((s == 0)) || r=${r}_s$s
+        r=$(seed_dir "$m" "$s")
         if ! done_run "$r"; then
           echo "$(pretrain_cmd "$m" "$r" "${s#0}") && python linear_probe.py $r ${PROBE[*]}"
         else
@@ -122,8 +126,7 @@ method_seeds() {
   {
     for s in 0 $SEEDS; do
       for m in simclr context; do
-        r=$R/$m
-        ((s == 0)) || r=${r}_s$s
+        r=$(seed_dir "$m" "$s")
         todo "$r/eval_linear_random_init.json" python linear_probe.py "$r" "${PROBE[@]}" --random-init --seed "$s"
       done
     done
@@ -189,7 +192,7 @@ tables() {
   if done_run "$R/context_s2"; then
     local close=()
     for m in $SEED_METHODS; do
-      for s in "" _s1 _s2; do close+=("$R/$m$s"); done
+      for s in 0 $SEEDS; do close+=("$(seed_dir "$m" "$s")"); done
     done
     python results_table.py "${close[@]}" --seeds --only pretrain linear "${doc[@]}" --marker lecture_seeds
   fi
