@@ -953,7 +953,8 @@ def test_emulated_kernels_have_no_shared_memory_race(emu_race, mode):
 
 def test_race_checker_reports_a_missing_refill_barrier(emu_race):
     """The write-after-read barrier of the staging double buffer ("may be refilled"), removed:
-    the checker reports the race (the review found all emulator tests passing without it)."""
+    the checker reports the race between the old tile's reads and the refill's writes (the
+    review found all emulator tests passing without it)."""
     lines = [n for n, t in barrier_lines().items() if "may be refilled (by iteration" in t]
     assert len(lines) == 1
     emu_race.barrier_lines()
@@ -964,7 +965,10 @@ def test_race_checker_reports_a_missing_refill_barrier(emu_race):
         reports = _race_run(emu_race, 70, 140, 128, _BF, 1, check=False)
     finally:
         emu_race.set_disabled_barrier(old)
-    assert int(reports[0]) > 0 and "WAR" in " ".join(reports[1:]), reports[:3]
+    # The read of the old tile and the refill's write meet in one barrier interval. Emulated
+    # threads are OS threads, so which comes first (and so RAW or WAR) varies from run to run.
+    assert int(reports[0]) > 0, reports[:3]
+    assert all(r.startswith(("RAW ", "WAR ")) for r in reports[1:]), reports[:3]
 
 
 @pytest.mark.slow
