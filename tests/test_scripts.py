@@ -75,7 +75,7 @@ def test_lecture_pretrain_runs_every_method_once(tmp_path):
     assert scripts.count("mae.py") == 4 and scripts.count("context.py") == 2
     assert all("--fresh" in c and f"--out {tmp_path}/" in c for c in cmds)
     budgeted = [c for c in cmds if "mae.py" not in c]
-    assert all("--time-budget 6" in c for c in budgeted)  # one wall-clock budget for all
+    assert all("--time-budget 6" in c for c in budgeted)  # the same --time-budget flag on every run
     mae = [c for c in cmds if "mae.py" in c]  # the ablation: equal epochs, four maskings
     assert all("--epochs 3" in c for c in mae)
     masks = {
