@@ -87,24 +87,15 @@ except ModuleNotFoundError:
     )
     raise SystemExit(2) from None
 
-from common import dist as D
+from common import dist
 from common.augment import AugConfig, apply_params, sample_params, to_float
 from common.backbones import build_backbone, stem_for
+from common.cli import ConfigError, apply_preset, base_parser, run_cli
 from common.color import lab_l_input, lab_to_rgb, rgb_to_lab
 from common.data import load_split
 from common.eval import knn_top1, labelled
-from common.train import (
-    BatchFeed,
-    ConfigError,
-    TrainRun,
-    apply_preset,
-    base_parser,
-    decay_groups,
-    place_model,
-    run_cli,
-    setup_run,
-    step_generator,
-)
+from common.feed import BatchFeed, step_generator
+from common.train import TrainRun, decay_groups, place_model, setup_run
 
 # ----------------------------------------------------------------------------------- config
 # Presets fill every flag the user did not give (explicit flags win). `gpu` adapts the paper
@@ -319,7 +310,7 @@ def pretext_metrics(model, test, args, device, chunk: int = 250) -> dict:
     bins = model.head.bins
     q, t = len(bins), AUC_MAX + 2  # error histograms: ceil(err) in 0..150, and > 150
     images = test.subset(args.pretext_test, args.seed).images
-    ws, rank = D.get_world_size(), D.get_rank()
+    ws, rank = dist.get_world_size(), dist.get_rank()
     hue = torch.zeros(2, HUES, device=device, dtype=torch.float64)  # per true class: [right, all]
     hits = torch.zeros(2, q, device=device, dtype=torch.float64)  # per true bin: [right, all]
     hist = torch.zeros(2, q * t, device=device, dtype=torch.float64)  # [model, grey]
@@ -351,7 +342,7 @@ def pretext_metrics(model, test, args, device, chunk: int = 250) -> dict:
             e = torch.ceil(err).clamp(max=AUC_MAX + 1).long()
             hist[j] += torch.bincount(cls + e, minlength=q * t).double()
     model.train(was_training)
-    hue, hits, hist = (D.all_reduce_mean(x) for x in (hue, hits, hist))  # ratios unchanged
+    hue, hits, hist = (dist.all_reduce_mean(x) for x in (hue, hits, hist))  # ratios unchanged
     cdf = hist.view(2, q, t).cumsum(2)[..., : AUC_MAX + 1]  # [2, Q, 151]: count(err <= thr)
     n_bin = hist.view(2, q, t).sum(2)  # [2, Q] full-resolution pixels per true bin
     auc = 100 * cdf.sum(1) / n_bin.sum(1, keepdim=True)  # [2, 151] over all pixels
@@ -391,7 +382,7 @@ def save_samples(model, test, args, device, path) -> None:
 # ------------------------------------------------------------------------------------ train
 def main(args):
     device, out = setup_run(args)
-    rank = D.get_rank()
+    rank = dist.get_rank()
 
     train = load_split(args.data, "train", include_unlabeled=True).subset(
         args.limit_train, args.seed
@@ -436,14 +427,14 @@ def main(args):
         steps_per_epoch=feed.steps_per_epoch,
         peak_lr=peak_lr,
     )
-    ddp = D.wrap_ddp(model, device)
+    ddp = dist.wrap_ddp(model, device)
 
     def evaluate(epoch):
         res = pretext_metrics(model, test, args, device)
         bank = labelled(train).subset(args.knn_bank, args.seed)
         res["knn_top1"] = knn_top1(model.backbone, bank, test, device, prepare=lab_l_input)
         run.log.write({"step": run.step, "epoch": epoch, **res})
-        if D.is_main():
+        if dist.is_main():
             save_samples(model, test, args, device, out / "colorize_samples.png")
             print(f"epoch {epoch} " + " ".join(f"{k} {v:.2f}" for k, v in res.items()), flush=True)
         return res

@@ -92,24 +92,15 @@ except ModuleNotFoundError:
     )
     raise SystemExit(2) from None
 
-from common import dist as D
+from common import dist
 from common.augment import to_float
 from common.backbones import build_backbone, stem_for
+from common.cli import ConfigError, apply_preset, base_parser, run_cli
 from common.color import project_green_magenta
 from common.data import load_split
 from common.eval import knn_top1, labelled
-from common.train import (
-    BatchFeed,
-    ConfigError,
-    TrainRun,
-    apply_preset,
-    base_parser,
-    decay_groups,
-    place_model,
-    run_cli,
-    setup_run,
-    step_generator,
-)
+from common.feed import BatchFeed, step_generator
+from common.train import TrainRun, decay_groups, place_model, setup_run
 
 # ----------------------------------------------------------------------------------- config
 # Presets fill every flag the user did not give (explicit flags win). `gpu` adapts the paper
@@ -281,7 +272,7 @@ def position_accuracy(model, test, args, mean, std, device, chunk: int = 250) ->
     was_training = model.training
     model.eval()
     images = test.subset(args.pretext_test, args.seed).images  # a fixed random subset
-    ws, rank = D.get_world_size(), D.get_rank()
+    ws, rank = dist.get_world_size(), dist.get_rank()
     counts = torch.zeros(2, device=device, dtype=torch.float64)  # [correct, total]
     for i in range(rank * chunk, len(images), ws * chunk):
         gen = torch.Generator().manual_seed(args.seed * 7919 + i)
@@ -291,7 +282,7 @@ def position_accuracy(model, test, args, mean, std, device, chunk: int = 250) ->
             pred = model(patches).argmax(1)
         counts += torch.stack([(pred == y).sum().double(), torch.tensor(len(y), device=device)])
     model.train(was_training)
-    counts = D.all_reduce_mean(counts)  # mean over ranks: the ratio of sums is unchanged
+    counts = dist.all_reduce_mean(counts)  # mean over ranks: the ratio of sums is unchanged
     return 100.0 * (counts[0] / counts[1]).item()
 
 
@@ -314,7 +305,7 @@ def set_geometry(args) -> None:
 
 def main(args):
     device, out = setup_run(args)
-    rank = D.get_rank()
+    rank = dist.get_rank()
 
     train = load_split(args.data, "train", include_unlabeled=True).subset(
         args.limit_train, args.seed
@@ -358,7 +349,7 @@ def main(args):
         steps_per_epoch=feed.steps_per_epoch,
         peak_lr=peak_lr,
     )
-    ddp = D.wrap_ddp(model, device)
+    ddp = dist.wrap_ddp(model, device)
 
     def evaluate(epoch):
         pos = position_accuracy(model, test, args, mean, std, device)
@@ -366,7 +357,7 @@ def main(args):
             model.backbone, labelled(train).subset(args.knn_bank, args.seed), test, device
         )
         run.log.write({"step": run.step, "epoch": epoch, "pretext_top1": pos, "knn_top1": knn})
-        if D.is_main():
+        if dist.is_main():
             print(f"epoch {epoch} position top-1 {pos:.2f}% k-NN top-1 {knn:.2f}%", flush=True)
         return pos, knn
 
@@ -390,7 +381,7 @@ def main(args):
         metrics = {"lr": lr}
         if (run.step + 1) % args.log_every == 0 or run.step + 1 == run.total:
             acc = (logits.argmax(1) == y).float().mean()  # only when logged: .item() syncs
-            metrics["train_top1"] = 100.0 * D.all_reduce_mean(acc.detach()).item()
+            metrics["train_top1"] = 100.0 * dist.all_reduce_mean(acc.detach()).item()
         run.step_done(loss, **metrics)
     if run.stopped:
         return run.finish()

@@ -80,23 +80,14 @@ except ModuleNotFoundError:
     )
     raise SystemExit(2) from None
 
-from common import dist as D
+from common import dist
 from common.augment import AugConfig, apply_params, normalize, sample_params, to_float
 from common.backbones import build_backbone, stem_for
+from common.cli import ConfigError, apply_preset, base_parser, check_range, run_cli
 from common.data import load_split
 from common.eval import knn_top1, labelled
-from common.train import (
-    BatchFeed,
-    ConfigError,
-    TrainRun,
-    apply_preset,
-    base_parser,
-    check_range,
-    place_model,
-    run_cli,
-    setup_run,
-    step_generator,
-)
+from common.feed import BatchFeed, step_generator
+from common.train import TrainRun, place_model, setup_run
 
 # ----------------------------------------------------------------------------------- config
 # Presets fill every flag the user did not give (explicit flags win). `gpu` is the paper's
@@ -369,7 +360,7 @@ def check_inpainting_args(args) -> None:
 def main(args):
     check_inpainting_args(args)
     device, out = setup_run(args)
-    rank = D.get_rank()
+    rank = dist.get_rank()
 
     train = load_split(args.data, "train", include_unlabeled=True).subset(
         args.limit_train, args.seed
@@ -409,14 +400,14 @@ def main(args):
         steps_per_epoch=feed.steps_per_epoch,
         peak_lr=peak_lr,
     )
-    ddp = D.wrap_ddp(model, device)
+    ddp = dist.wrap_ddp(model, device)
 
     def evaluate(epoch):
         res = pretext_l2(model, test, train, args, device)
         bank = labelled(train).subset(args.knn_bank, args.seed)
         res["knn_top1"] = knn_top1(model.backbone, bank, test, device)
         run.log.write({"step": run.step, "epoch": epoch, **res})
-        if D.is_main():
+        if dist.is_main():
             save_samples(model, test, train, args, device, out / "inpainting_samples.png")
             print(f"epoch {epoch} " + " ".join(f"{k} {v:.4f}" for k, v in res.items()), flush=True)
         return res
@@ -451,9 +442,9 @@ def main(args):
         if disc is not None:  # the discriminator's own step first, then the context encoder's
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
-            if D.get_world_size() > 1:  # disc is outside DDP: average here
+            if dist.get_world_size() > 1:  # disc is outside DDP: average here
                 for p in disc.parameters():
-                    p.grad.copy_(D.all_reduce_mean(p.grad))
+                    p.grad.copy_(dist.all_reduce_mean(p.grad))
             opt_d.step()
             frozen = {k: v.detach() for k, v in disc.named_parameters()}  # no grad to disc
             g_adv = F.softplus(-torch.func.functional_call(disc, frozen, (fake,))).mean()

@@ -85,23 +85,14 @@ except ModuleNotFoundError:
     )
     raise SystemExit(2) from None
 
-from common import dist as D
+from common import dist
 from common.augment import rgb_to_gray, to_float
 from common.backbones import build_backbone, stem_for
+from common.cli import ConfigError, apply_preset, base_parser, run_cli
 from common.data import default_cache_dir, load_split
 from common.eval import knn_top1, labelled
-from common.train import (
-    BatchFeed,
-    ConfigError,
-    TrainRun,
-    apply_preset,
-    base_parser,
-    decay_groups,
-    place_model,
-    run_cli,
-    setup_run,
-    step_generator,
-)
+from common.feed import BatchFeed, step_generator
+from common.train import TrainRun, decay_groups, place_model, setup_run
 
 # ----------------------------------------------------------------------------------- config
 JPEG_BLOCK = 8  # JPEG's block side in pixels (images <= 64 px: see the docstring)
@@ -286,7 +277,7 @@ def puzzle_accuracy(model, test, perms, args, device, chunk: int = 500) -> float
     was_training = model.training
     model.eval()
     images = test.images
-    ws, rank = D.get_world_size(), D.get_rank()
+    ws, rank = dist.get_world_size(), dist.get_rank()
     counts = torch.zeros(2, device=device, dtype=torch.float64)  # [correct, total]
     for i in range(rank * chunk, len(images), ws * chunk):
         gen = torch.Generator().manual_seed(args.seed * 7919 + i)  # per chunk: any world size
@@ -295,7 +286,7 @@ def puzzle_accuracy(model, test, perms, args, device, chunk: int = 500) -> float
             pred = model(tiles).argmax(1)
         counts += torch.stack([(pred == y).sum().double(), torch.tensor(len(y), device=device)])
     model.train(was_training)
-    counts = D.all_reduce_mean(counts)  # mean over ranks: the ratio of sums is unchanged
+    counts = dist.all_reduce_mean(counts)  # mean over ranks: the ratio of sums is unchanged
     return 100.0 * (counts[0] / counts[1]).item()
 
 
@@ -314,7 +305,7 @@ def set_geometry(args) -> None:
 
 def main(args):
     device, out = setup_run(args)
-    rank = D.get_rank()
+    rank = dist.get_rank()
 
     train = load_split(args.data, "train", include_unlabeled=True).subset(
         args.limit_train, args.seed
@@ -334,9 +325,9 @@ def main(args):
     if not 0 <= args.gray_p <= 1:
         raise ConfigError(f"--gray-p is a probability, got {args.gray_p}")
     perms = None
-    if D.is_main():  # rank 0 computes (or loads) the set, the others receive it
+    if dist.is_main():  # rank 0 computes (or loads) the set, the others receive it
         perms = load_perms(args.num_perms, args.perm_seed)
-    perms = D.broadcast_object(perms)  # [P, 9] int64
+    perms = dist.broadcast_object(perms)  # [P, 9] int64
 
     model = CFN(build_backbone(args.backbone, args.stem, args.width), args.num_perms)
     model = place_model(model, device)
@@ -359,7 +350,7 @@ def main(args):
         steps_per_epoch=feed.steps_per_epoch,
         peak_lr=peak_lr,
     )
-    ddp = D.wrap_ddp(model, device)
+    ddp = dist.wrap_ddp(model, device)
 
     def evaluate(epoch):
         acc = puzzle_accuracy(model, test, perms, args, device)
@@ -367,7 +358,7 @@ def main(args):
             model.backbone, labelled(train).subset(args.knn_bank, args.seed), test, device
         )
         run.log.write({"step": run.step, "epoch": epoch, "pretext_top1": acc, "knn_top1": knn})
-        if D.is_main():
+        if dist.is_main():
             print(f"epoch {epoch} puzzle top-1 {acc:.2f}% k-NN top-1 {knn:.2f}%", flush=True)
         return acc, knn
 
@@ -390,7 +381,7 @@ def main(args):
         metrics = {"lr": lr}
         if (run.step + 1) % args.log_every == 0 or run.step + 1 == run.total:
             acc = (logits.argmax(1) == y).float().mean()  # only when logged: .item() syncs
-            metrics["train_top1"] = 100.0 * D.all_reduce_mean(acc.detach()).item()
+            metrics["train_top1"] = 100.0 * dist.all_reduce_mean(acc.detach()).item()
         run.step_done(loss, **metrics)
     if run.stopped:
         return run.finish()

@@ -41,13 +41,14 @@ except ModuleNotFoundError:
     )
     raise SystemExit(2) from None
 
-from common import dist as D
+from common import dist
 from common.backbones import backbone_from_config
 from common.checkpoint import load_checkpoint
+from common.cli import ConfigError, check_finite, check_range
 from common.data import DEFAULT_DATA, DataError, load_split
 from common.eval import extract_features, input_transform, knn_predict
 from common.outputs import WriteError, check_output_dir, write_text_atomic
-from common.train import ConfigError, check_finite, check_range, launch_command
+from common.train import launch_command
 
 
 def get_args_parser():
@@ -270,7 +271,7 @@ def main(args):
         backbone.load_state_dict(state["backbone"])
     if args.head:  # (after the trunk's weights: the head loads its own)
         backbone = with_head(backbone, state, args.random_init)
-    device = D.init_distributed(args.device)
+    device = dist.init_distributed(args.device)
     backbone.to(device)
     data, size = checkpoint_data(args.data, cfg)
     train = load_at_size(data, "train", size).subset(args.limit_train, args.seed)
@@ -303,7 +304,7 @@ def main(args):
         "seconds": round(time.time() - t0, 1),
     }
     result["command"] = launch_command("linear_probe")
-    if D.is_main():
+    if dist.is_main():
         print(json.dumps(result), flush=True)
         if args.save:  # next to the checkpoint, where results_table.py looks for it
             name = "eval_linear" + ("_random_init" if args.random_init else "")
@@ -322,11 +323,11 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         main(args)
     # ConfigError is a ValueError; DistInitError: a rank that cannot reach the others.
-    except (DataError, FileNotFoundError, ValueError, D.DistInitError, WriteError) as e:
+    except (DataError, FileNotFoundError, ValueError, dist.DistInitError, WriteError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     finally:
-        D.cleanup()
+        dist.cleanup()
     return 0
 
 

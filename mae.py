@@ -61,20 +61,13 @@ except ModuleNotFoundError:
     )
     raise SystemExit(2) from None
 
-from common import dist as D
+from common import dist
 from common.augment import AugConfig, BatchAugment, normalize
+from common.cli import ConfigError, apply_preset, base_parser, run_cli
 from common.data import load_split
 from common.eval import knn_top1, labelled
-from common.train import (
-    BatchFeed,
-    ConfigError,
-    TrainRun,
-    apply_preset,
-    base_parser,
-    run_cli,
-    setup_run,
-    step_generator,
-)
+from common.feed import BatchFeed, step_generator
+from common.train import TrainRun, setup_run
 from common.vit import (
     VIT_SIZES,
     Block,
@@ -111,13 +104,15 @@ _TABLE = {
 PRESETS = {
     name: {k: v[i] for k, v in _TABLE.items()} for i, name in enumerate(("tiny", "cpu", "gpu"))
 }
+# --mask-type: the paper's sampling strategies (Figure 6), each a function in the masking section
+MASK_TYPES = ("random", "block", "grid")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = base_parser("mae", __doc__, backbones=tuple(VIT_SIZES))  # ViT sizes (common/vit.py)
     p.add_argument("--patch-size", type=int, default=4, help="patch side in pixels")
     p.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches masked")
-    p.add_argument("--mask-type", choices=list(MASKINGS), default="random", help="masking")
+    p.add_argument("--mask-type", choices=MASK_TYPES, default="random", help="masking")
     p.add_argument(
         "--norm-pix-loss",
         action=argparse.BooleanOptionalAction,
@@ -190,7 +185,7 @@ def grid_masking(n: int, grid: int, ratio: float, gen: torch.Generator) -> torch
     return torch.argsort(key, 1)  # visible first
 
 
-MASKINGS = {"random": random_masking, "block": block_masking, "grid": grid_masking}
+MASKINGS = dict(zip(MASK_TYPES, (random_masking, block_masking, grid_masking)))
 
 
 def split_mask(ids_shuffle: torch.Tensor, n_keep: int):
@@ -368,7 +363,7 @@ def step_loss(model, aug, images, gen, mask_gen, args, grid: int, n_keep: int):
 
 def main(args):
     device, out = setup_run(args)
-    rank = D.get_rank()
+    rank = dist.get_rank()
     train = load_split(args.data, "train", include_unlabeled=True).subset(
         args.limit_train, args.seed
     )
@@ -401,7 +396,7 @@ def main(args):
         steps_per_epoch=feed.steps_per_epoch,
         peak_lr=peak_lr,
     )
-    ddp = D.wrap_ddp(model, device)
+    ddp = dist.wrap_ddp(model, device)
     bank, recon_set = (
         labelled(train).subset(args.knn_bank, args.seed),
         test.subset(args.recon_images),
@@ -411,7 +406,7 @@ def main(args):
         res = {"knn_top1": knn_top1(model.encoder, bank, test, device)}
         res |= reconstruction_losses(model, recon_set.images, train.mean, train.std, args, device)
         run.log.write({"step": run.step, "epoch": epoch, **res})
-        if D.is_main():
+        if dist.is_main():
             print(f"epoch {epoch} " + " ".join(f"{k} {v:.4g}" for k, v in res.items()), flush=True)
         return res
 
@@ -430,7 +425,7 @@ def main(args):
         run.step_done(loss, lr=lr)
     if run.stopped:
         return run.finish()
-    if D.is_main():
+    if dist.is_main():
         show = test.subset(8, args.seed + 1).images
         save_reconstructions(
             model, show, train.mean, train.std, args, device, out / "mae_reconstruction.png"

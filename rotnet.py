@@ -55,22 +55,14 @@ except ModuleNotFoundError:
     )
     raise SystemExit(2) from None
 
-from common import dist as D
+from common import dist
 from common.augment import normalize, resized_crop, to_float
 from common.backbones import build_backbone, stem_for
+from common.cli import ConfigError, apply_preset, base_parser, run_cli
 from common.data import load_split
 from common.eval import knn_top1, labelled
-from common.train import (
-    BatchFeed,
-    ConfigError,
-    TrainRun,
-    apply_preset,
-    base_parser,
-    place_model,
-    run_cli,
-    setup_run,
-    step_generator,
-)
+from common.feed import BatchFeed, step_generator
+from common.train import TrainRun, place_model, setup_run
 
 # ----------------------------------------------------------------------------------- config
 # Presets fill every flag the user did not give (explicit flags win). `gpu` is the paper's
@@ -164,7 +156,7 @@ def rotation_accuracy(model: RotNet, test, train, args, device, chunk: int = 500
     was_training = model.training
     model.eval()
     images = test.images
-    ws, rank = D.get_world_size(), D.get_rank()
+    ws, rank = dist.get_world_size(), dist.get_rank()
     counts = torch.zeros(2, device=device, dtype=torch.float64)  # [correct, total]
     for i in range(rank * chunk, len(images), ws * chunk):
         x = normalize(images[i : i + chunk].to(device), train.mean, train.std)  # [m, 3, H, W]
@@ -173,7 +165,7 @@ def rotation_accuracy(model: RotNet, test, train, args, device, chunk: int = 500
             pred = model(x).argmax(1)
         counts += torch.stack([(pred == y).sum().double(), torch.tensor(len(y), device=device)])
     model.train(was_training)
-    counts = D.all_reduce_mean(counts)  # mean over ranks: the ratio of sums is unchanged
+    counts = dist.all_reduce_mean(counts)  # mean over ranks: the ratio of sums is unchanged
     return 100.0 * (counts[0] / counts[1]).item()
 
 
@@ -192,7 +184,7 @@ def step_loss(model, images, gen, mean, std, crop_size: int, pad: int):
 
 def main(args):
     device, out = setup_run(args)
-    rank = D.get_rank()
+    rank = dist.get_rank()
 
     train = load_split(args.data, "train", include_unlabeled=True).subset(
         args.limit_train, args.seed
@@ -232,7 +224,7 @@ def main(args):
         steps_per_epoch=feed.steps_per_epoch,
         peak_lr=peak_lr,
     )
-    ddp = D.wrap_ddp(model, device)
+    ddp = dist.wrap_ddp(model, device)
 
     def evaluate(epoch):
         rot = rotation_accuracy(model, test, train, args, device)
@@ -240,7 +232,7 @@ def main(args):
             model.backbone, labelled(train).subset(args.knn_bank, args.seed), test, device
         )
         run.log.write({"step": run.step, "epoch": epoch, "pretext_top1": rot, "knn_top1": knn})
-        if D.is_main():
+        if dist.is_main():
             print(f"epoch {epoch} rotation top-1 {rot:.2f}% k-NN top-1 {knn:.2f}%", flush=True)
         return rot, knn
 

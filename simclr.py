@@ -45,25 +45,15 @@ except ModuleNotFoundError:
     )
     raise SystemExit(2) from None
 
-from common import dist as D
+from common import dist
 from common.augment import AugConfig, BatchAugment
 from common.backbones import build_backbone, stem_for
+from common.cli import ConfigError, apply_preset, base_parser, check_range, run_cli
 from common.data import load_split
 from common.eval import knn_top1, labelled
-from common.losses import nt_xent_impl_used, nt_xent_loss
-from common.train import (
-    BatchFeed,
-    ConfigError,
-    TrainRun,
-    apply_preset,
-    base_parser,
-    check_range,
-    compile_model,
-    place_model,
-    run_cli,
-    setup_run,
-    step_generator,
-)
+from common.feed import BatchFeed, step_generator
+from common.nt_xent import nt_xent_impl_used, nt_xent_rows
+from common.train import TrainRun, compile_model, place_model, setup_run
 
 # ----------------------------------------------------------------------------------- config
 # Presets fill every flag the user did not give (explicit flags win). `gpu` is the official
@@ -159,6 +149,8 @@ def get_args_parser():
 
 
 BASE_LR = {"linear": 1.0, "sqrt": 0.075}  # the paper's base lr for each scaling rule (B.1)
+# --aug's names: the augmentations the paper's Figure 5 composes (common/augment.py)
+AUG_OPS = ("crop", "color", "blur", "rotate", "cutout", "noise", "sobel")
 
 
 def check_simclr_args(args) -> None:
@@ -190,17 +182,18 @@ def check_simclr_args(args) -> None:
     args.aug = ",".join(ops)
 
 
-AUG_OPS = ("crop", "color", "blur", "rotate", "cutout", "noise", "sobel")
+def default_blur(aug: str, big: bool) -> float:
+    """--blur's default: the paper blurs ImageNet-sized views (p 0.5), not CIFAR's; naming blur
+    in --aug asks for it at any size."""
+    return 0.5 if big or "blur" in aug.split(",") else 0.0
 
 
 def aug_config(args, big: bool) -> AugConfig:
     """The composition --aug names. `crop` is the random resized crop with its flip (the paper
     pairs them); without it every view is the whole image, resized. `color` is the jitter and
     the random grayscale; blur's probability is --blur (default 0.5 when named, and on images
-    above 64 px); rotate, cutout, noise and sobel are drawn with p 0.5 each."""
+    above 64 px: default_blur); rotate, cutout, noise and sobel are drawn with p 0.5 each."""
     ops = set(args.aug.split(","))
-    if args.blur is None:
-        args.blur = 0.5 if big or "blur" in ops else 0.0
     crop = "crop" in ops
     return AugConfig(
         args.crop_size,
@@ -210,7 +203,7 @@ def aug_config(args, big: bool) -> AugConfig:
         jitter_strength=args.jitter_strength,
         jitter_p=0.8 if "color" in ops else 0.0,
         gray_p=0.2 if "color" in ops else 0.0,
-        blur_p=args.blur,
+        blur_p=default_blur(args.aug, big) if args.blur is None else args.blur,
         rotate_p=0.5 * ("rotate" in ops),
         cutout_p=0.5 * ("cutout" in ops),
         noise_p=0.5 * ("noise" in ops),
@@ -248,6 +241,44 @@ class SimCLR(nn.Module):
     def forward(self, views: torch.Tensor) -> torch.Tensor:
         # views: [2n, 3, S, S], both views in one batch so BN normalises over all 2n images
         return self.head(self.backbone(views))  # [2n, proj_dim]
+
+
+# ------------------------------------------------------------------------------------- loss
+# NT-Xent, the paper's eq. (1). This rank's 2n views are the anchors, rows [z1; z2]: anchor i's
+# positive is row (i + n) mod 2n, the other view of the same image. The candidates are every
+# rank's rows, all-gathered: the negatives come from every GPU. With s the cosine similarity,
+#     l_i = -log( exp(s(i, pos_i) / T) / sum_{k != i} exp(s(i, k) / T) )
+#         = logsumexp_{k != i} s(i, k) / T  -  s(i, pos_i) / T
+# nt_xent_rows(rows, cols, pos_idx, self_idx, T) returns l_i [R] for any such layout: with the
+# fused op of csrc/ (it never builds the [R, C] similarity matrix), or with nt_xent_reference,
+# the same thing in ~20 lines of plain PyTorch (common/nt_xent.py: normalise, matmul, -inf on
+# the anchor itself, cross-entropy against the positive's column).
+def simclr_layout(n: int, rank: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positive and self column of each of this rank's 2n anchors, when the columns are every
+    rank's [z1; z2] in rank order (world * 2n columns): both [2n] int64."""
+    i = torch.arange(2 * n, device=device)
+    self_idx = rank * 2 * n + i
+    pos_idx = rank * 2 * n + (i + n) % (2 * n)  # view 1 of image k <-> view 2 of image k
+    return pos_idx, self_idx
+
+
+def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's loss for this rank's [n, d] projections of the two views (unnormalised).
+
+    The scale is the official code's (google-research/simclr, objective.py): loss_a, the mean
+    over the view-1 anchors, plus loss_b for view 2, i.e. twice the mean over the 2n anchors.
+    It matters beyond the log: LARS adds weight decay to the gradient, so half the loss would
+    double the effective weight decay. With several ranks, the all-gather's backward sums every
+    rank's gradient into the slice's owner, so after DDP averages them the gradients equal the
+    single-process loss's over all anchors."""
+    if z1.shape != z2.shape or z1.dim() != 2:
+        raise ValueError(f"z1 and z2 must both be [n, d], got {tuple(z1.shape)}, {tuple(z2.shape)}")
+    n = z1.shape[0]
+    rows = torch.cat([z1, z2], 0)  # [2n, d] this rank's anchors
+    cols = dist.all_gather_with_grad(rows)  # [world * 2n, d] every rank's: the candidates
+    pos_idx, self_idx = simclr_layout(n, dist.get_rank(), z1.device)
+    per_anchor = nt_xent_rows(rows, cols, pos_idx, self_idx, temperature)  # [2n] fp32
+    return per_anchor[:n].mean() + per_anchor[n:].mean()  # loss_a + loss_b
 
 
 # -------------------------------------------------------------------------------- optimizer
@@ -364,7 +395,7 @@ def main(args):
     if args.lr is None:
         args.lr = BASE_LR[args.lr_scaling]
     device, out = setup_run(args)
-    rank = D.get_rank()
+    rank = dist.get_rank()
 
     train = load_split(args.data, "train", include_unlabeled=True).subset(
         args.limit_train, args.seed
@@ -376,6 +407,8 @@ def main(args):
     big = args.crop_size > 64  # ImageNet-like images: the paper's ImageNet augmentation strength
     if args.jitter_strength is None:  # (0 is a valid strength: no colour jitter)
         args.jitter_strength = 1.0 if big else 0.5
+    if args.blur is None:  # resolved here, so that the run's config records it
+        args.blur = default_blur(args.aug, big)
     aug = BatchAugment(aug_config(args, big), train.mean, train.std)
 
     backbone = build_backbone(
@@ -388,6 +421,15 @@ def main(args):
     opt = LARS(param_groups(model), peak_lr, args.momentum, args.weight_decay, args.lars_eta)
 
     feed = BatchFeed(train.images, args.batch_size, device, args.seed)
+    # Every log line also reports log(2N - 1) - L, the InfoNCE lower bound on the mutual
+    # information between the two views (nats), with L the mean NT-Xent per anchor. The logged
+    # loss is the official loss_a + loss_b (nt_xent_loss), twice that mean: hence loss / 2.
+    # Derived from the loss already synced for the line: no extra host sync.
+    log_2n_1 = math.log(2 * args.batch_size - 1)
+
+    def infonce_bound(metrics: dict[str, float]) -> dict[str, float]:
+        return {"infonce_bound": log_2n_1 - metrics["loss"] / 2}
+
     run = TrainRun(
         args,
         out,
@@ -397,26 +439,18 @@ def main(args):
         optimizer=opt,
         steps_per_epoch=feed.steps_per_epoch,
         peak_lr=peak_lr,
+        derived_metrics=infonce_bound,
     )
-    ddp = D.wrap_ddp(model, device)
-    # Every log line also reports log(2N - 1) - L, the InfoNCE lower bound on the mutual
-    # information between the two views (nats), with L the mean NT-Xent per anchor. The logged
-    # loss is the official loss_a + loss_b (common/losses.py), twice that mean: hence loss / 2.
-    # Derived from the loss already synced for the line: no extra host sync.
-    log_step, log_2n_1 = run.log.step, math.log(2 * args.batch_size - 1)
-
-    def log_with_bound(*a, loss: float, **metrics) -> None:
-        log_step(*a, loss=loss, infonce_bound=log_2n_1 - loss / 2, **metrics)
-
-    run.log.step = log_with_bound
-    fwd = compile_model(ddp, args.compile)  # (the k-NN evaluation runs the backbone eagerly)
+    ddp_model = dist.wrap_ddp(model, device)
+    # the step's forward: DDP, compiled (the k-NN evaluation runs the backbone eagerly)
+    train_forward = compile_model(ddp_model, args.compile)
 
     def evaluate(epoch):
         acc = knn_top1(
             model.backbone, labelled(train).subset(args.knn_bank, args.seed), test, device
         )
         run.log.write({"step": run.step, "epoch": epoch, "knn_top1": acc})
-        if D.is_main():
+        if dist.is_main():
             print(f"epoch {epoch} k-NN top-1 {acc:.2f}%", flush=True)
         return acc
 
@@ -425,7 +459,7 @@ def main(args):
         # per rank, and drawn on the GPU (the step's one host sync is run.nonfinite's).
         gen = step_generator(args.seed, rank, run.step, device)
         lr = run.set_lr(opt)
-        loss = step_loss(fwd, aug, images, gen, args.temperature)
+        loss = step_loss(train_forward, aug, images, gen, args.temperature)
         if run.nonfinite(loss):  # stops the run, or skips this update with --skip-nonfinite
             continue
         opt.zero_grad(set_to_none=True)

@@ -50,7 +50,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import nt_xent_op as op  # noqa: E402
-from common.losses import nt_xent_reference, simclr_layout  # noqa: E402
+from common.nt_xent import nt_xent_reference  # noqa: E402
+from simclr import simclr_layout  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PEAK_TFLOPS = {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}  # H100 SXM dense

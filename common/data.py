@@ -272,7 +272,7 @@ def download_once(fetch: Callable[[], object]) -> None:
     rank that ran it after the barrier; the others then fail to find the data, so every rank
     stops with a DataError instead of waiting for a rank that died (the barrier's timeout is
     --dist-timeout, 600 s by default: enough for CIFAR's 170 MB on a slow link)."""
-    from common import dist as D
+    from common import dist
 
     error: BaseException | None = None
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
@@ -280,7 +280,7 @@ def download_once(fetch: Callable[[], object]) -> None:
             fetch()
         except Exception as e:  # raised below, after the others were released
             error = e
-    D.barrier()
+    dist.barrier()
     if error is not None:
         raise error
 

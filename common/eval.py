@@ -14,7 +14,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from common import dist as D
+from common import dist
 from common.augment import normalize
 from common.backbones import feature_layers
 from common.data import ImageSet
@@ -79,7 +79,7 @@ def extract_features(
     was_training = model.training
     model.eval()
     prepare = prepare or partial(normalize, mean=data.mean, std=data.std)
-    ws, rank = D.get_world_size(), D.get_rank()
+    ws, rank = dist.get_world_size(), dist.get_rank()
     lo, hi = rank * len(data) // ws, (rank + 1) * len(data) // ws
     feats = []
     for i in range(lo, hi, batch_size):
@@ -89,7 +89,7 @@ def extract_features(
         feats.append(f.float())
     local = torch.cat(feats) if feats else torch.zeros(0, 1, device=device)
     model.train(was_training)
-    return D.all_gather_cat(local), data.labels.to(device)
+    return dist.all_gather_cat(local), data.labels.to(device)
 
 
 @torch.no_grad()

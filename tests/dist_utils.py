@@ -24,13 +24,13 @@ def _entry(rank, world, port, fn, out, kwargs):
         MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
-    from common import dist as D
+    from common import dist
 
-    D.init_distributed("cpu", timeout_s=120)
+    dist.init_distributed("cpu", timeout_s=120)
     try:
         torch.save(fn(rank=rank, world=world, **kwargs), f"{out}/rank{rank}.pt")
     finally:
-        D.cleanup()
+        dist.cleanup()
 
 
 def run_distributed(fn, world: int, tmp_path, **kwargs) -> list:

@@ -14,9 +14,9 @@ from PIL import Image
 
 import colorize
 from common.checkpoint import load_checkpoint
+from common.cli import apply_preset
 from common.color import rgb_to_lab
 from common.data import ImageSet
-from common.train import apply_preset
 from conftest import probe_vs_untrained
 
 

@@ -15,7 +15,7 @@ import torch.nn as nn
 import context
 import linear_probe
 from common.checkpoint import load_checkpoint
-from common.train import apply_preset
+from common.cli import apply_preset
 from conftest import ROOT, _top1, probe_vs_untrained
 
 GRID = argparse.Namespace(canvas=96, crop_size=16, gap=8, jitter=3, chroma="project")

@@ -5,10 +5,10 @@ positives' placement), on data that differs between ranks so a symmetric bug can
 import pytest
 import torch
 
-from common import dist as D
+from common import dist
 from common.backbones import build_backbone
-from common.losses import nt_xent_loss
 from dist_utils import run_distributed
+from simclr import nt_xent_loss
 
 N, SIZE = 8, 16
 
@@ -27,15 +27,15 @@ def simclr_step_grads(rank, world, broken_gather=False):
     if broken_gather:  # the classic bug: gathered copies carry no gradient back to their owner
 
         def local_only(x):
-            cols = D.all_gather_cat(x.detach())
+            cols = dist.all_gather_cat(x.detach())
             n = len(x)
             return torch.cat([cols[: rank * n], x, cols[(rank + 1) * n :]])
 
-        D.all_gather_with_grad = local_only
+        dist.all_gather_with_grad = local_only
     torch.manual_seed(0)
     model = SimCLR(build_backbone("resnet18", "cifar", 8), 16)
-    model = D.convert_global_bn(model, torch.device("cpu"))
-    ddp = D.wrap_ddp(model, torch.device("cpu"))
+    model = dist.convert_global_bn(model, torch.device("cpu"))
+    ddp = dist.wrap_ddp(model, torch.device("cpu"))
     v1, v2 = _views()
     lo, hi = rank * N // world, (rank + 1) * N // world
     z = ddp(torch.cat([v1[lo:hi], v2[lo:hi]]))
@@ -43,7 +43,7 @@ def simclr_step_grads(rank, world, broken_gather=False):
     loss = nt_xent_loss(z1, z2, 0.5)
     loss.backward()
     return {
-        "loss": D.all_reduce_mean(loss.detach()).item(),
+        "loss": dist.all_reduce_mean(loss.detach()).item(),
         "grads": {k: p.grad.clone() for k, p in model.named_parameters()},
         "running_mean": model.backbone.bn1.running_mean.clone(),
     }
@@ -51,7 +51,7 @@ def simclr_step_grads(rank, world, broken_gather=False):
 
 def gather_grad(rank, world):
     x = torch.full((2, 3), float(rank + 1), requires_grad=True)
-    y = D.all_gather_with_grad(x)  # [4, 3]
+    y = dist.all_gather_with_grad(x)  # [4, 3]
     # Each rank weights every row differently, so the owner must receive the sum.
     w = torch.arange(12.0).view(4, 3) * (rank + 1)
     (y * w).sum().backward()

@@ -19,7 +19,7 @@ import mae
 import simclr
 from common.backbones import backbone_from_config, build_backbone
 from common.checkpoint import load_checkpoint
-from common.train import apply_preset
+from common.cli import apply_preset
 from conftest import ROOT, write_image
 
 TOL = 1e-6

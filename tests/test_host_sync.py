@@ -39,7 +39,9 @@ import rotnet
 import simclr
 from common.augment import AugConfig, BatchAugment
 from common.backbones import build_backbone
-from common.train import BatchFeed, TrainRun, apply_preset
+from common.cli import apply_preset
+from common.feed import BatchFeed
+from common.train import TrainRun
 from conftest import ROOT
 
 aten = torch.ops.aten

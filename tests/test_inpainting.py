@@ -10,7 +10,7 @@ import torch
 import inpainting
 from common.backbones import build_backbone
 from common.checkpoint import load_checkpoint
-from common.train import apply_preset
+from common.cli import apply_preset
 from conftest import probe_vs_untrained, quick_probe
 
 

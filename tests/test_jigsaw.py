@@ -13,7 +13,7 @@ import torch
 
 import jigsaw
 from common.checkpoint import load_checkpoint
-from common.train import ConfigError, apply_preset
+from common.cli import ConfigError, apply_preset
 from conftest import _top1, probe_vs_untrained
 from conftest import quick_probe as probe
 

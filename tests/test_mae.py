@@ -18,7 +18,7 @@ import linear_probe
 import mae
 from common.backbones import backbone_from_config
 from common.checkpoint import load_checkpoint
-from common.train import ConfigError, apply_preset
+from common.cli import ConfigError, apply_preset
 from common.vit import VIT_SIZES, patchify, sincos_pos_embed, unpatchify, vit_from_config
 from conftest import ROOT, probe_vs_untrained
 

@@ -42,7 +42,7 @@ NODES = ("a", "b")  # the two "machines"; c10d, not this order, decides which ho
 
 # ------------------------------------------------------------------------- worker side
 def _worker(rec_dir: str, script: str, args: list[str]) -> None:
-    from common import checkpoint, train
+    from common import checkpoint, feed
 
     env = ("RANK", "LOCAL_RANK", "GROUP_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "TEST_NODE")
     rec = {k.lower(): os.environ.get(k) for k in env}
@@ -56,7 +56,7 @@ def _worker(rec_dir: str, script: str, args: list[str]) -> None:
 
     dump()  # now: tells the test which node holds which rank
 
-    feed_epoch = train.BatchFeed.epoch
+    feed_epoch = feed.BatchFeed.epoch
     # Phase 1 paces the steps so that the SIGTERM lands mid-run however fast this machine is.
     min_step_s, t_last = float(os.environ.get("TEST_MIN_STEP_S", "0")), time.time()
 
@@ -84,8 +84,8 @@ def _worker(rec_dir: str, script: str, args: list[str]) -> None:
         rec["saves"].append(kw["step"])
         return save(p, **kw)
 
-    train.BatchFeed.epoch = epoch
-    checkpoint.save_checkpoint = recording_save  # TrainRun.save imports it at call time
+    feed.BatchFeed.epoch = epoch
+    checkpoint.save_checkpoint = recording_save  # TrainRun.save looks it up at call time
     sys.argv = [script, *args]
     try:
         runpy.run_path(script, run_name="__main__")

@@ -23,7 +23,7 @@ import torch
 import torch.multiprocessing as mp
 
 from common import nt_xent_op as op
-from common.losses import nt_xent_loss
+from simclr import nt_xent_loss
 
 WORLD, N, D, T = 2, 6, 10, 0.2  # n = 6 images per rank, 12 local anchors, 24 columns
 MODES = ("tensor", "list")  # gather paths of common.dist._AllGatherWithGrad

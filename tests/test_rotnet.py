@@ -9,7 +9,7 @@ import torch
 
 import rotnet
 from common.checkpoint import load_checkpoint
-from common.train import ConfigError, apply_preset
+from common.cli import ConfigError, apply_preset
 from conftest import probe_vs_untrained
 from conftest import quick_probe as probe
 

@@ -15,7 +15,7 @@ import simclr
 from common.augment import AugConfig
 from common.backbones import build_backbone
 from common.checkpoint import load_checkpoint
-from common.train import ConfigError, apply_preset
+from common.cli import ConfigError, apply_preset
 from conftest import quick_probe
 
 

@@ -10,7 +10,7 @@ import torch
 
 import simclr
 from common.checkpoint import load_checkpoint
-from common.train import apply_preset
+from common.cli import apply_preset
 
 # A 16-step run (the tiny preset) found the positive among the 2N - 1 = 255 for 3.0% of the
 # test anchors, the untrained network 1.25% (chance 0.39%); a point is 38 of the 3,840 anchors.

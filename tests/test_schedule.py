@@ -1,7 +1,8 @@
-"""--time-budget (the step count set from the measured step time, re-fitted under changing
-load) and the `fast` preset: the run ends on time, its schedule ends at lr 0 on the last step,
-and resuming stays bit-exact. Time is an injected clock (common.train.clock): no test here
-depends on how loaded the machine is."""
+"""common/schedule.py: the warm-up + cosine curve, and --time-budget (the step count set from the
+measured step time, re-fitted under changing load) with the `fast` preset: the run ends on
+time, its schedule ends at lr 0 on the last step, and resuming stays bit-exact. Time is an
+injected clock (common.train.clock, or `now` given to LrSchedule): no test here depends on how
+loaded the machine is."""
 
 import math
 
@@ -11,7 +12,54 @@ import torch
 import simclr
 from common import train
 from common.checkpoint import load_checkpoint
-from common.train import BUDGET_PROBE, TrainRun, apply_preset
+from common.cli import apply_preset
+from common.schedule import BUDGET_PROBE, BUDGET_WARM, LrSchedule, lr_at
+from common.train import TrainRun
+
+
+# ------------------------------------------------------------------------------ the curve
+def test_lr_at_is_linear_warmup_then_half_cosine_to_zero():
+    peak, warmup, total = 2.0, 10, 110
+    assert [lr_at(s, total, warmup, peak) for s in (0, 4, 9)] == [0.2, 1.0, 2.0]
+    for s in range(warmup, total + 5):  # the cosine, independently written
+        t = min(1.0, (s - warmup) / (total - warmup))
+        assert lr_at(s, total, warmup, peak) == pytest.approx(
+            peak * (1 + math.cos(math.pi * t)) / 2
+        )
+    assert lr_at(total, total, warmup, peak) == 0.0
+    assert lr_at(0, 5, 0, 1.0) == 1.0  # no warm-up: the peak at once
+
+
+def test_an_unbudgeted_schedule_is_lr_at_and_saves_what_resumes_it():
+    sched = LrSchedule(0.5, warmup=3, total=40)
+    assert [sched.lr(s) for s in range(45)] == [lr_at(s, 40, 3, 0.5) for s in range(45)]
+    assert sched.state_dict() == {"kind": "warmup_cosine", "peak_lr": 0.5, "warmup": 3, "total": 40}
+    assert not sched.refit_due(1e9)
+    assert sched.observe(20, now=5.0, t0=0.0, refit=True) is None  # nothing to fit
+    assert sched.total == 40
+
+
+def test_a_budget_is_fitted_from_the_timed_steps():
+    """1 s per step after the first steps, a 10-minute budget: about 600 steps, fitted at
+    BUDGET_PROBE from the steps timed since BUDGET_WARM; every rank takes `agree`'s count."""
+    sched = LrSchedule(1.0, warmup=4, total=10**6, budget_min=10.0)
+    agreed = []
+
+    def agree(total):  # rank 0's count, as a broadcast would hand it to every rank
+        agreed.append(total)
+        return total
+
+    for step in range(1, BUDGET_PROBE + 1):  # step k finished at time k (training began at 0)
+        per_step = sched.observe(step, now=float(step), t0=0.0, refit=False, agree=agree)
+    assert per_step == pytest.approx(1.0) and sched.fitted
+    assert sched.total == agreed[-1] == BUDGET_PROBE + int((600 - BUDGET_PROBE) / 1.0)
+    assert BUDGET_WARM < BUDGET_PROBE
+    state = sched.state_dict()
+    resumed = LrSchedule(1.0, warmup=4, total=10**6, budget_min=10.0)
+    resumed.load_state_dict(state, step=BUDGET_PROBE)
+    assert resumed.total == sched.total and resumed.fitted_on_resume
+    assert [resumed.lr(s) for s in range(sched.total)] == [sched.lr(s) for s in range(sched.total)]
+    assert sched.lr(sched.total - 1) == 0.0
 
 
 def run(cifar_tar, out, *extra, preset="tiny"):
@@ -103,7 +151,7 @@ def test_a_resumed_budget_run_keeps_what_it_settled(tmp_path, monkeypatch):
     run = budget_run(tmp_path, 10.0, max_steps=200)
     drive(run, clock, lambda t: 1.0)
     assert run.stopped == "max_steps" and run.step == 200
-    settled = [run.lr_at_step(s) for s in range(200, run.total)]
+    settled = [run.schedule.lr(s) for s in range(200, run.total)]
     run.finish()
     sched = load_checkpoint(tmp_path)["scheduler"]
     assert sched["fitted"] and sched["total"] == pytest.approx(600, abs=2)

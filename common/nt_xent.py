@@ -1,10 +1,7 @@
-"""NT-Xent (normalised temperature-scaled cross entropy), the SimCLR loss.
+"""NT-Xent (normalised temperature-scaled cross entropy) per anchor row, for any layout.
 
-Three layers, top to bottom:
-- `nt_xent_loss(z1, z2, temperature)`: what a training script calls. z1, z2 are the [n, d]
-  projections of the two views on this rank (unnormalised). Returns the official SimCLR loss:
-  the mean over view-1 anchors plus the mean over view-2 anchors (twice the mean over all 2n);
-  with a process group up, the negatives come from every rank's embeddings.
+SimCLR's layout (which rows are positives, the gather of negatives from every rank, the
+official loss scale) is in simclr.py's loss section, which calls into this module. Two layers:
 - `nt_xent_rows(rows, cols, pos_idx, self_idx, temperature)`: the explicit layout. rows [R, d]
   are this rank's anchors, cols [C, d] every candidate (the all-gathered embeddings), and for
   anchor i, cols[pos_idx[i]] is its positive and cols[self_idx[i]] is itself (excluded from the
@@ -28,8 +25,6 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
-
-from common import dist as D
 
 IMPLS = ("auto", "ext", "ref")
 
@@ -142,36 +137,3 @@ def nt_xent_rows(
         _warn_fallback(nt_xent_op.load_error() or f"built without {rows.device.type} kernels")
         _IMPL_USED = "ref (fallback: not built)"
     return nt_xent_reference(rows, cols, pos_idx, self_idx, temperature)
-
-
-def simclr_layout(n: int, rank: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positive and self column of each local anchor when local rows are [z1; z2] (2n rows) and
-    the columns are every rank's [z1; z2] concatenated in rank order (world_size * 2n columns)."""
-    i = torch.arange(2 * n, device=device)
-    self_idx = rank * 2 * n + i
-    pos_idx = rank * 2 * n + (i + n) % (2 * n)  # view 1 of image k <-> view 2 of image k
-    return pos_idx, self_idx
-
-
-def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
-    """SimCLR's loss for the [n, d] projections of two views, at the official code's scale.
-
-    google-research/simclr (objective.py, add_contrastive_loss) computes loss_a, the mean over
-    the view-1 anchors of cross-entropy against [logits_ab, logits_aa], and loss_b for view 2,
-    and returns loss_a + loss_b: twice the mean over the 2n anchors. The scale matters beyond
-    the log: LARS adds weight decay to the gradient, so half the loss would double the
-    effective weight decay and halve the step of the biases and BN parameters it excludes.
-
-    With a process group, each rank scores its own anchors against all ranks' embeddings; the
-    all-gather's backward sums every rank's gradient into the slice's owner, so after DDP
-    averages parameter gradients they equal those of the single-process loss over all anchors
-    (the official TPU code averages the replicas' losses the same way).
-    """
-    if z1.shape != z2.shape or z1.dim() != 2:
-        raise ValueError(f"z1 and z2 must both be [n, d], got {tuple(z1.shape)}, {tuple(z2.shape)}")
-    rows = torch.cat([z1, z2], 0)  # [2n, d]
-    cols = D.all_gather_with_grad(rows)  # [world * 2n, d]
-    pos_idx, self_idx = simclr_layout(z1.shape[0], D.get_rank(), z1.device)
-    per_row = nt_xent_rows(rows, cols, pos_idx, self_idx, temperature)  # [2n]
-    n = z1.shape[0]
-    return per_row[:n].mean() + per_row[n:].mean()  # loss_a + loss_b

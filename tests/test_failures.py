@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from common.checkpoint import load_checkpoint
-from common.train import EXIT_CONFIG, EXIT_NONFINITE, EXIT_PREEMPTED
+from common.cli import EXIT_CONFIG, EXIT_NONFINITE, EXIT_PREEMPTED
 from conftest import ROOT
 from dist_utils import free_port
 
