@@ -25,7 +25,7 @@ Choices made here:
   crop with padding of 1/8 of the side. Rotations are exact (torch.rot90 of square crops).
 - Optimiser: SGD with Nesterov momentum 0.9, weight decay 5e-4, lr 0.1 for 128 images (x 4
   rotations = 512 network inputs), linear in the batch. The official code's step decay (x0.2
-  at epochs 30, 60, 80 of 100) is replaced by the shared cosine schedule of common/train.py.
+  at epochs 30, 60, 80 of 100) is replaced by the shared cosine schedule of common/schedule.py.
 
 Run:
   python rotnet.py                                  # CIFAR-10 in ./data, GPU recipe if CUDA

@@ -59,7 +59,7 @@ from common.train import TrainRun, compile_model, place_model, setup_run
 # Presets fill every flag the user did not give (explicit flags win). `gpu` is the official
 # CIFAR-10 recipe (README of google-research/simclr: ResNet-18, batch 512, LARS lr 1.0 x
 # batch/256, wd 1e-4, temperature 0.5, jitter strength 0.5, no blur, 1000 epochs, 10 warm-up
-# epochs), with the official loss scale (common/losses.py: the two directions' means summed),
+# epochs), with the official loss scale (nt_xent_loss below: the two directions' means summed),
 # run.py's 3-layer projection head and its ResNet's zero-initialised last BN per block;
 # docs/gpu.md lists where it still differs (bicubic crop resize, head init, ...).
 # `tiny` proves the pipeline in seconds (tests); `cpu` is ~10 minutes on 2 cores. `fast` is the

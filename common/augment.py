@@ -306,7 +306,7 @@ class BatchAugment:
         self._consts: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, images: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
-        """images on the training device; gen: a generator of that device (common.train.
+        """images on the training device; gen: a generator of that device (common.feed.
         step_generator), from which every random parameter is drawn there."""
         x = to_float(images)
         p = sample_params(self.cfg, x.shape[0], x.shape[2], x.shape[3], gen, x.device)

@@ -1,4 +1,4 @@
-"""Runs that survive: preemption (SIGTERM) and SIGKILL resume to bit-identical weights, failing
+"""Runs that survive failures, end to end (scripts in subprocesses): preemption (SIGTERM) and SIGKILL resume to bit-identical weights, failing
 or unreachable ranks end the job within a bound, non-finite losses stop (or skip) cleanly, and
 mismatched checkpoints or configs are named."""
 
