@@ -220,7 +220,7 @@ def accuracy(clf, x, y) -> float:
 
 def linear_probe(ftr, ytr, fte, yte, num_classes, args) -> dict:
     if len(ytr) < 2 or len(yte) == 0:  # the sweep holds out 10% (at least one) of the train set
-        raise ValueError(
+        raise DataError(
             f"the linear probe needs >= 2 labelled train and >= 1 labelled test images, got "
             f"{len(ytr)} and {len(yte)}"
         )

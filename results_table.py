@@ -3,7 +3,8 @@
 Inputs, in any mix:
 - run directories: the pre-training result (the last {"result": ...} line of RUN/log.jsonl:
   pretext score, k-NN, and the efficiency numbers train_minutes, img_per_s, peak_mem_gib,
-  params_m) and every RUN/eval_*.json that evaluate.py wrote there;
+  params_m) and every RUN/eval_*.json that evaluate.py, finetune.py or linear_probe.py wrote
+  there;
 - JSON files: one object or JSON lines, e.g. linear_probe.py's output saved with
   `python linear_probe.py runs/simclr > runs/simclr/eval_linear.json`.
 Each result goes to the row of its run (its folder, or the folder of its "checkpoint");
@@ -338,7 +339,7 @@ def format_cell(values: list, fmt: str) -> str:
 def build_narrow(results: list[tuple[Path, dict]]) -> str:
     """The README's summary: one row per trained run, "method | train min | linear | k-NN",
     each probe cell "trained / untrained", and "fine-tune 100%" the same way where a run has
-    full fine-tuning (evaluate.py finetune --pcts 100). The untrained numbers are the run's own
+    full fine-tuning (finetune.py --pcts 100). The untrained numbers are the run's own
     random-init row, else the first random-init row (in argument order) of the same backbone
     and width (one untrained RGB ResNet serves SimCLR, RotNet, jigsaw and inpainting alike)."""
     runs: dict[tuple[str, bool], dict] = {}

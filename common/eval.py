@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from common import dist
 from common.augment import normalize
 from common.backbones import feature_layers
-from common.data import ImageSet
+from common.data import DataError, ImageSet
 
 
 def input_transform(cfg: dict, mean, std) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -114,7 +114,7 @@ def knn_predict(
     if not bool(keep.all()):
         train_feats, train_labels = train_feats[keep], train_labels[keep]
     if len(train_labels) == 0:
-        raise ValueError("the k-NN bank has no labelled sample (every label is < 0)")
+        raise DataError("the k-NN bank has no labelled sample (every label is < 0)")
     bank = F.normalize(train_feats, dim=1)
     k = min(k, len(bank))
     preds = []
@@ -141,6 +141,6 @@ def knn_top1(
     ftr, ytr = extract_features(model, train, device, prepare=prepare)
     fte, yte = extract_features(model, test, device, prepare=prepare)
     if len(yte) == 0:
-        raise ValueError(f"{test.name}: no labelled test image to score k-NN on")
+        raise DataError(f"{test.name}: no labelled test image to score k-NN on")
     pred = knn_predict(ftr, ytr, fte, len(train.classes), k, temperature)
     return 100.0 * (pred == yte).float().mean().item()

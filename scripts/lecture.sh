@@ -140,8 +140,8 @@ protocols() {
   done_run "$r" || return 0 # not pre-trained (yet): nothing to evaluate
   todo "$r/eval_linear$s.json" python linear_probe.py "$r" "${PROBE[@]}" "${x[@]}"
   todo "$r/eval_cluster$s.json" python evaluate.py cluster "$r" "${x[@]}"
-  todo "$r/eval_finetune$s.json" python evaluate.py finetune "$r" "${FINETUNE[@]}" "${x[@]}"
-  todo "$r/eval_finetune_full$s.json" python evaluate.py finetune "$r" "${FULL_FT[@]}" "${x[@]}"
+  todo "$r/eval_finetune$s.json" python finetune.py "$r" "${FINETUNE[@]}" "${x[@]}"
+  todo "$r/eval_finetune_full$s.json" python finetune.py "$r" "${FULL_FT[@]}" "${x[@]}"
   todo "$r/eval_robustness$s.json" python evaluate.py robustness "$r" "${ROBUST[@]}" "${x[@]}"
   todo "$r/eval_transfer_imagenette2-224$s.json" python evaluate.py transfer "$r" --data "$NETTE" "${x[@]}"
   todo "$r/eval_transfer_digits$s.json" python evaluate.py transfer "$r" --data "$R/digits" "${x[@]}"
@@ -156,7 +156,7 @@ evaluate() {
     for m in mae_block0.5 mae_block0.75 mae_grid0.75; do
       done_run "$R/$m" || continue
       todo "$R/$m/eval_linear.json" python linear_probe.py "$R/$m" "${PROBE[@]}"
-      todo "$R/$m/eval_finetune.json" python evaluate.py finetune "$R/$m" "${FINETUNE[@]}" --pcts 10
+      todo "$R/$m/eval_finetune.json" python finetune.py "$R/$m" "${FINETUNE[@]}" --pcts 10
     done
     if done_run "$R/context_neighbour_only"; then
       todo "$R/context_neighbour_only/eval_linear.json" python linear_probe.py "$R/context_neighbour_only" "${PROBE[@]}"

@@ -1,13 +1,17 @@
-"""Shared fixtures: the CIFAR-10 tarball, a writable decode cache, tiny image folders."""
+"""Shared fixtures: the CIFAR-10 tarball, a writable decode cache, tiny image folders, the two
+checkpoints that evaluate.py's and finetune.py's tests work on, and how those tests run a script."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -113,3 +117,67 @@ def probe_vs_untrained(
 
 def _top1(res: dict) -> tuple[float, float]:
     return round(res["linear_top1"], 1), round(res["knn_top1"], 1)
+
+
+# ---------------------------------------- evaluate.py / finetune.py: two checkpoints, run_main
+@pytest.fixture(scope="module")
+def one_thread():
+    """(test_evaluate.py, test_finetune.py) One intra-op thread: on a shared, loaded 2-core
+    machine two OpenMP threads are ~10x slower than one (they spin waiting for each other); tiny models gain nothing from two."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(cifar_tar, tmp_path_factory):
+    """A SimCLR run of the tiny preset cut to 2 steps: a real checkpoint and log.jsonl."""
+    import simclr
+    from common.cli import apply_preset
+
+    out = tmp_path_factory.mktemp("simclr_tiny")
+    argv = ["--preset", "tiny", "--data", cifar_tar, "--out", str(out), "--device", "cpu"]
+    argv += ["--epochs", "1", "--limit-train", "256", "--knn-bank", "256", "--limit-test", "200"]
+    simclr.main(apply_preset(simclr.get_args_parser().parse_args(argv), simclr.PRESETS))
+    return out
+
+
+@pytest.fixture(scope="module")
+def vit_run(cifar_tar, tmp_path_factory):
+    """An MAE-format checkpoint with an untrained ViT-pico encoder (mae.py's own tiny run is
+    tests/test_mae.py's): what fine-tuning needs to pick the MAE recipe."""
+    from common.checkpoint import save_checkpoint
+
+    vit = pytest.importorskip("common.vit")
+    out = tmp_path_factory.mktemp("mae_vit")
+    cfg = {"backbone": "vit_pico", "image_size": 32, "patch_size": 4, "pool": "cls"}
+    cfg |= {"data": cifar_tar, "epochs": 0}
+    save_checkpoint(
+        out / "checkpoint.pt",
+        method="mae",
+        backbone=vit.vit_from_config(cfg),
+        head=None,
+        optimizer=None,
+        scheduler=None,
+        step=0,
+        epoch=0,
+        config=cfg,
+    )
+    return out
+
+
+def run_main(script, *argv):
+    """script.main (evaluate or finetune) on argv as the shell runs it: parsed by the script's
+    parser, with sys.argv the script's own (the "command" a result records comes from it)."""
+    argv = [str(a) for a in argv]
+    with mock.patch.object(sys, "argv", [f"{script.__name__}.py", *argv]):
+        (result,) = script.main(script.get_args_parser().parse_args(argv))
+    return result
+
+
+def run_script(*argv) -> subprocess.CompletedProcess:
+    """`python ARGV...` from the repo root with one intra-op thread, as a user runs it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, *map(str, argv)]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)

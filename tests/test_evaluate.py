@@ -1,73 +1,25 @@
 """evaluate.py's protocols and results_table.py end to end on CPU, on a checkpoint of a tiny
 SimCLR run (2 steps) and on an MAE-format ViT checkpoint: each protocol's JSON, its saved
-eval_*.json with the command, the few-label subset files, layer-wise lr decay groups, and the
-Markdown table with the efficiency columns."""
+eval_*.json with the command, and the Markdown table with the efficiency columns. (Fine-tuning,
+finetune.py, is tests/test_finetune.py's, on the same two checkpoints.)"""
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
-import torch.nn as nn
 from PIL import Image
 
 import evaluate
 import results_table
-import simclr
-from common.backbones import build_backbone
-from common.checkpoint import save_checkpoint
 from common.data import ImageSet
-from common.train import apply_preset
-from conftest import ROOT, write_image
+from conftest import run_main, run_script, write_image
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared, loaded 2-core machine two OpenMP threads are ~10x
-    slower than one (they spin waiting for each other); tiny models gain nothing from two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny_run(cifar_tar, tmp_path_factory):
-    """A SimCLR run of the tiny preset cut to 2 steps: a real checkpoint and log.jsonl."""
-    out = tmp_path_factory.mktemp("simclr_tiny")
-    argv = ["--preset", "tiny", "--data", cifar_tar, "--out", str(out), "--device", "cpu"]
-    argv += ["--epochs", "1", "--limit-train", "256", "--knn-bank", "256", "--limit-test", "200"]
-    simclr.main(apply_preset(simclr.get_args_parser().parse_args(argv), simclr.PRESETS))
-    return out
-
-
-@pytest.fixture(scope="module")
-def vit_run(cifar_tar, tmp_path_factory):
-    """An MAE-format checkpoint with an untrained ViT-pico encoder (mae.py's own tiny run is
-    tests/test_mae.py's): what fine-tuning needs to pick the MAE recipe."""
-    vit = pytest.importorskip("common.vit")
-    out = tmp_path_factory.mktemp("mae_vit")
-    cfg = {"backbone": "vit_pico", "image_size": 32, "patch_size": 4, "pool": "cls"}
-    cfg |= {"data": cifar_tar, "epochs": 0}
-    save_checkpoint(
-        out / "checkpoint.pt",
-        method="mae",
-        backbone=vit.vit_from_config(cfg),
-        head=None,
-        optimizer=None,
-        scheduler=None,
-        step=0,
-        epoch=0,
-        config=cfg,
-    )
-    return out
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ev(*argv):
-    (result,) = evaluate.main([str(a) for a in argv])
-    return result
+    return run_main(evaluate, *argv)
 
 
 def test_cluster(tiny_run):
@@ -85,105 +37,6 @@ def test_tsne_grid_across_runs(tiny_run, vit_run, tmp_path):
     with Image.open(tmp_path / "tsne.png") as im:
         assert im.format == "PNG" and im.width > 1.5 * im.height  # two panels side by side
     assert (tmp_path / "eval_tsne.json").exists()
-
-
-def test_finetune_few_labels_subsets_and_random_init(tiny_run, tmp_path):
-    subsets = tmp_path / "subsets"
-    common = ["--epochs", 1, "--batch-size", 50, "--limit-test", 200, "--subset-dir", subsets]
-    res = ev("finetune", tiny_run, "--pcts", 0.2, 0.4, *common)
-    assert res["optimizer"] == "sgd" and res["layer_decay"] is None  # ResNet: SimCLR's recipe
-    for pct, per_class in (("0.2", 10), ("0.4", 20)):  # 0.2% / 0.4% of 5000 images a class
-        assert 0 <= res[f"finetune_{pct}pct_top1"] <= 100
-        run = res["runs"][pct]
-        assert run["num_labels"] == 10 * per_class and run["steps"] == 10 * per_class // 50
-        saved = json.loads((subsets / f"subset_{pct}pct_seed0.json").read_text())
-        assert list(saved["per_class"].values()) == [per_class] * 10
-        assert saved["split"] == "train" and len(saved["indices"]) == 10 * per_class
-    # The baseline reads the same index lists (every method sees the same images).
-    before = (subsets / "subset_0.2pct_seed0.json").stat().st_mtime_ns
-    base = ev("finetune", tiny_run, "--pcts", 0.2, *common, "--random-init")
-    assert base["random_init"] and (tiny_run / "eval_finetune_random_init.json").exists()
-    assert (subsets / "subset_0.2pct_seed0.json").stat().st_mtime_ns == before
-    assert base["runs"]["0.2"]["num_labels"] == 100
-    # A list drawn from another training set is refused, not silently re-used.
-    other = ImageSet(
-        torch.zeros(10, 4, 4, 3, dtype=torch.uint8),
-        torch.arange(10) % 2,
-        ["a", "b"],
-        (0.5,) * 3,
-        (0.2,) * 3,
-        "other",
-    )
-    with pytest.raises(ValueError, match="another training set"):
-        evaluate.few_label_subset(other, 0.2, 0, subsets)
-
-
-def test_full_finetune_uses_every_label_and_its_own_file(tiny_run, tmp_path, monkeypatch):
-    """--pcts 100: every training image, saved as eval_finetune_full.json beside (not over) the
-    few-label results. The training itself is stubbed: this checks the subset and the file."""
-    seen = {}
-
-    def fake_train(model, subset, *a, **kw):
-        seen["n"] = len(subset.labels)
-        return {"steps": 0}
-
-    monkeypatch.setattr(evaluate, "train_classifier", fake_train)
-    few = tiny_run / "eval_finetune.json"
-    before = few.read_bytes() if few.exists() else None
-    few.write_text('{"protocol": "finetune", "finetune_1pct_top1": 12.5}')
-    flags = ["--epochs", 1, "--limit-test", 100, "--subset-dir", tmp_path]
-    res = ev("finetune", tiny_run, "--pcts", 100, *flags)
-    assert seen["n"] == 50_000 and res["runs"]["100"]["num_labels"] == 50_000
-    saved = json.loads((tiny_run / "eval_finetune_full.json").read_text())
-    assert saved["finetune_100pct_top1"] == res["finetune_100pct_top1"]
-    assert json.loads(few.read_text())["finetune_1pct_top1"] == 12.5  # untouched
-    few.write_bytes(before) if before is not None else few.unlink()  # as the other tests left it
-    (tiny_run / "eval_finetune_full.json").unlink()
-
-
-def test_finetune_vit_uses_the_mae_recipe(vit_run, tmp_path):
-    flags = "--pcts 0.2 --epochs 2 --batch-size 50 --warmup-epochs 1 --limit-test 100"
-    res = ev("finetune", vit_run, *flags.split(), "--subset-dir", tmp_path)
-    assert res["method"] == "mae" and res["optimizer"] == "adamw"
-    assert res["layer_decay"] == 0.75 and res["label_smoothing"] == 0.1
-    assert res["runs"]["0.2"]["steps"] == 4 and 0 <= res["finetune_0.2pct_top1"] <= 100
-
-
-class StandIn(nn.Module):
-    """The shape of a ViT: embeddings, a `blocks` ModuleList, a final norm."""
-
-    def __init__(self, depth=3, dim=8):
-        super().__init__()
-        self.patch_embed = nn.Conv2d(3, dim, 4, 4)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.blocks = nn.ModuleList(nn.Linear(dim, dim) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim)
-        self.feat_dim = dim
-
-
-def scales(model, decay=0.5, wd=0.05):
-    groups = evaluate.finetune_param_groups(model, wd, decay)
-    ids = {id(p): n for n, p in model.named_parameters()}
-    return {ids[id(p)]: (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
-
-
-def test_layer_wise_lr_decay_groups():
-    s = scales(evaluate.Classifier(StandIn(depth=3), 5))  # L = 3: head and norm at depth 4
-    assert s["backbone.patch_embed.weight"] == (0.5**4, 0.05)
-    assert s["backbone.cls_token"] == (0.5**4, 0.0)  # no decay on tokens, biases, norms
-    assert s["backbone.blocks.0.weight"] == (0.5**3, 0.05)
-    assert s["backbone.blocks.2.bias"] == (0.5, 0.0)
-    assert s["backbone.norm.weight"] == (1.0, 0.0) and s["head.weight"] == (1.0, 0.05)
-    resnet = scales(evaluate.Classifier(build_backbone("resnet18", "cifar", 8), 5))
-    assert {v[0] for v in resnet.values()} == {1.0}  # no blocks, no decay
-
-
-def test_layer_depths_agree_with_the_vit():
-    vit = pytest.importorskip("common.vit").VisionTransformer(dim=32, depth=3, heads=2)
-    depths, n_blocks = evaluate.layer_depths(vit)
-    assert n_blocks == 3 and max(depths.values()) == 4
-    if hasattr(vit, "layer_id"):
-        assert depths == {n: vit.layer_id(n) for n, _ in vit.named_parameters()}
 
 
 def test_transfer_to_an_image_folder(tiny_run, image_folder, tmp_path, monkeypatch, cifar_tar):
@@ -333,42 +186,13 @@ def test_results_table_per_protocol_with_mae_mask_columns(tiny_run, vit_run, tmp
 
 
 def test_cli_prints_one_json_line_and_fails_cleanly(tiny_run, tmp_path):
-    cmd = [sys.executable, "evaluate.py", "cluster", str(tiny_run), "--limit-test", "100"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(
-        cmd + ["--restarts", "1", "--no-save"], cwd=ROOT, capture_output=True, text=True, env=env
-    )
+    cmd = ["evaluate.py", "cluster", tiny_run, "--limit-test", "100"]
+    out = run_script(*cmd, "--restarts", "1", "--no-save")
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1])["protocol"] == "cluster"
-    bad = subprocess.run(
-        [sys.executable, "evaluate.py", "finetune", str(tmp_path / "nothing")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    bad = run_script("evaluate.py", "cluster", tmp_path / "nothing")
     assert bad.returncode == 2 and "error: no checkpoint" in bad.stderr
     assert "Traceback" not in bad.stderr
-
-
-def _ranks_evaluate(rank, world, run, subsets):
-    import evaluate as ev_module  # a fresh process: nothing imported yet
-
-    flags = "--pcts 0.2 --epochs 1 --batch-size 50 --limit-test 100 --no-save"
-    (ft,) = ev_module.main(["finetune", run, *flags.split(), "--subset-dir", subsets])
-    (cl,) = ev_module.main(["cluster", run, "--limit-test", "100", "--restarts", "1", "--no-save"])
-    return ft["finetune_0.2pct_top1"], ft["runs"]["0.2"]["loss_last_epoch"], cl["nmi"]
-
-
-def test_two_ranks_agree(tiny_run, tmp_path):
-    """Under torchrun (here 2 CPU processes, gloo): DDP fine-tuning on sharded batches, global
-    BN, gathered features; every rank ends with the same numbers, one subset file is written."""
-    from dist_utils import run_distributed
-
-    subsets = tmp_path / "subsets"
-    r0, r1 = run_distributed(_ranks_evaluate, 2, tmp_path, run=str(tiny_run), subsets=subsets)
-    assert r0 == r1 and 0 <= r0[0] <= 100
-    assert [p.name for p in subsets.iterdir()] == ["subset_0.2pct_seed0.json"]
 
 
 def test_launch_command_is_the_scripts_own(monkeypatch):

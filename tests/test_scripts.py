@@ -94,7 +94,7 @@ def test_lecture_evaluate_covers_what_is_pretrained_and_skips_what_is_done(tmp_p
     sim = [c for c in cmds if f"{tmp_path}/simclr" in c and "--random-init" not in c]
     base = [c for c in cmds if f"{tmp_path}/simclr" in c and "--random-init" in c]
     rot = [c for c in cmds if f"{tmp_path}/rotnet" in c]
-    kinds = ["linear_probe.py", "cluster", "finetune", "--pcts 100", "robustness", "imagenette"]
+    kinds = ["linear_probe.py", "cluster", "finetune.py", "--pcts 100", "robustness", "imagenette"]
     kinds += ["digits"]
     for group in (sim, base):
         assert len(group) == 7 and all(any(k in c for c in group) for k in kinds), group
