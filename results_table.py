@@ -414,7 +414,7 @@ def update_file(path: Path, marker: str, table: str) -> None:
     write_text_atomic(path, text)
 
 
-def main(argv: list[str] | None = None) -> str:
+def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -458,11 +458,15 @@ def main(argv: list[str] | None = None) -> str:
         action="store_true",
         help="the README's summary: method | train min | linear and k-NN, trained / untrained",
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def main(args: argparse.Namespace) -> str:
+    """The table of args.paths' results: printed, or written to --out, or put into --update."""
     if bool(args.update) != bool(args.marker):
-        p.error("--update and --marker go together")
+        raise ValueError("--update and --marker go together")
     if any("=" not in m for m in args.mark):
-        p.error("--mark takes RUN=NOTE")
+        raise ValueError("--mark takes RUN=NOTE")
     marks = dict(m.split("=", 1) for m in args.mark)
     if args.out:  # before anything is read: a path it cannot write stops it at once
         check_output_file(args.out, "--out")
@@ -492,7 +496,7 @@ def main(argv: list[str] | None = None) -> str:
 
 if __name__ == "__main__":
     try:
-        main()
+        main(get_args_parser().parse_args())
     except (FileNotFoundError, ValueError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -128,7 +128,11 @@ def test_results_table(tiny_run, tmp_path):
         json.dumps(probe | {"layer": 2, "linear_top1": 60})
     )
     (run / "eval_linear_x3.json").write_text(json.dumps(probe | {"upsample": 3, "knn_top1": 70}))
-    table = results_table.main([str(run), str(loose), "--out", str(tmp_path / "t.md")])
+    table = results_table.main(
+        results_table.get_args_parser().parse_args(
+            [str(run), str(loose), "--out", str(tmp_path / "t.md")]
+        )
+    )
     lines = table.splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     expected = ["k-NN (pre-train)", "linear", "NMI", "fine-tune 1%", "fine-tune 10%"]
@@ -147,8 +151,16 @@ def test_results_table(tiny_run, tmp_path):
     # The README's tables are regenerated in place between markers.
     readme = tmp_path / "README.md"
     readme.write_text("# R\n\nRESULTS_CPU\n\nend\n")
-    results_table.main([str(run), "--update", str(readme), "--marker", "RESULTS_CPU"])
-    results_table.main([str(run), "--update", str(readme), "--marker", "RESULTS_CPU"])
+    results_table.main(
+        results_table.get_args_parser().parse_args(
+            [str(run), "--update", str(readme), "--marker", "RESULTS_CPU"]
+        )
+    )
+    results_table.main(
+        results_table.get_args_parser().parse_args(
+            [str(run), "--update", str(readme), "--marker", "RESULTS_CPU"]
+        )
+    )
     text = readme.read_text()
     assert text.count("<!-- results:RESULTS_CPU -->") == 1 and text.count("| run |") == 1
     assert text.startswith("# R\n\n<!-- results:") and text.endswith("-->\n\nend\n")
@@ -170,7 +182,11 @@ def test_results_table_per_protocol_with_mae_mask_columns(tiny_run, vit_run, tmp
     sim_run = tmp_path / "simclr"  # a pre-training result alone (no eval_*.json)
     sim_run.mkdir()
     (sim_run / "log.jsonl").write_text((tiny_run / "log.jsonl").read_text())
-    table = results_table.main([str(sim_run), str(mae_run), "--only", "cluster"])
+    table = results_table.main(
+        results_table.get_args_parser().parse_args(
+            [str(sim_run), str(mae_run), "--only", "cluster"]
+        )
+    )
     lines = table.splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert header == ["run", "method", "epochs", "mask", "mask ratio", "NMI", "ARI"] + [
@@ -181,7 +197,9 @@ def test_results_table_per_protocol_with_mae_mask_columns(tiny_run, vit_run, tmp
     row = dict(zip(header, (c.strip() for c in lines[2].strip("|").split("|"))))
     assert (row["mask"], row["mask ratio"], row["NMI"]) == ("block", "0.50", "0.250")
     assert row["command"] == "`python c`"  # the protocol's command, not pre-training's
-    full = results_table.main([str(mae_run)]).splitlines()[0]
+    full = results_table.main(
+        results_table.get_args_parser().parse_args([str(mae_run)])
+    ).splitlines()[0]
     assert "recon loss (random 75%)" in full and "NMI" in full and "train min" in full
 
 

@@ -198,7 +198,7 @@ def test_results_table_narrow_pairs_each_run_with_its_baseline(tmp_path):
     b = run("b", "rotnet", 6.3, [(False, 36.6, 32.9, {}), (False, 99.0, 99.0, {"layer": 2})])
     c = run("c", "context", 5.7, [(False, 29.2, 22.9, {}), (True, 32.8, 28.5, {})])
     d = run("d", "jigsaw", 5.9, [(False, 35.6, 30.6, {})], width=8)  # no baseline of width 8
-    table = results_table.main([a, b, c, d, "--narrow"])
+    table = results_table.main(results_table.get_args_parser().parse_args([a, b, c, d, "--narrow"]))
     assert table.splitlines()[2:] == [
         "| simclr | 8.0 | 49.0 / 34.3 | 44.4 / 29.0 |",
         "| rotnet | 6.3 | 36.6 / 34.3 | 32.9 / 29.0 |",
@@ -213,7 +213,7 @@ def test_results_table_narrow_pairs_each_run_with_its_baseline(tmp_path):
         (Path(folder) / f"{name}.json").write_text(json.dumps(rec | {"finetune_100pct_top1": top1}))
     few = {"protocol": "finetune", "random_init": False, "finetune_10pct_top1": 1.0}
     (Path(b) / "eval_finetune.json").write_text(json.dumps(few))
-    table = results_table.main([a, b, c, d, "--narrow"])
+    table = results_table.main(results_table.get_args_parser().parse_args([a, b, c, d, "--narrow"]))
     assert table.splitlines()[0].endswith("| fine-tune 100% (trained / untrained) |")
     assert table.splitlines()[2:] == [
         "| simclr | 8.0 | 49.0 / 34.3 | 44.4 / 29.0 | 60.1 / 52.3 |",

@@ -107,7 +107,11 @@ def test_seeds_table_is_mean_and_std_over_seed_folders(tmp_path):
         # time-budgeted pre-training: each seed ends at its own epoch count (a range in the row)
         pre = {"result": {"method": "simclr", "epochs": 1.5 + v / 100}}
         (tmp_path / name / "log.jsonl").write_text(json.dumps(pre) + "\n")
-    table = results_table.main([str(tmp_path / n) for n in values] + ["--seeds"])
+    table = results_table.main(
+        results_table.get_args_parser().parse_args(
+            [str(tmp_path / n) for n in values] + ["--seeds"]
+        )
+    )
     rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()[2:]}
     trio = [40.0, 43.0, 41.5]
     mean, std = statistics.mean(trio), statistics.stdev(trio)
@@ -128,7 +132,9 @@ def test_mark_puts_a_note_in_the_table_itself(tmp_path):
         rec = {"method": "simclr", "linear_top1": 40.0, "knn_top1": 35.0}
         (tmp_path / name / "eval_linear.json").write_text(json.dumps(rec))
     table = results_table.main(
-        [str(tmp_path / "old"), str(tmp_path / "new"), "--mark", f"{tmp_path / 'old'}=stale"]
+        results_table.get_args_parser().parse_args(
+            [str(tmp_path / "old"), str(tmp_path / "new"), "--mark", f"{tmp_path / 'old'}=stale"]
+        )
     )
     lines = table.splitlines()[2:]
     assert "| simclr (stale) |" in lines[0] and "| simclr |" in lines[1]
@@ -150,7 +156,11 @@ def test_brief_table_is_setting_seeds_and_probe(tmp_path, monkeypatch):
             json.dumps({"result": {"method": "simclr", "train_minutes": 2}}) + "\n"
         )
     paths = [str(tmp_path / "b"), str(tmp_path / "b_s1")]
-    table = results_table.main([*paths, "--seeds", "--brief", "--config", "batch_size"])
+    table = results_table.main(
+        results_table.get_args_parser().parse_args(
+            [*paths, "--seeds", "--brief", "--config", "batch_size"]
+        )
+    )
     assert table.splitlines()[0] == "| batch | seeds | linear | k-NN |"
     assert table.splitlines()[2] == "| 256 | 2 | 41.0 ± 1.4 | 30.0 |"
     assert table.splitlines()[3] == "| untrained | 2 | 34.0 | 30.0 |"
