@@ -41,6 +41,7 @@ from common.augment import AugConfig, BatchAugment
 from common.backbones import build_backbone
 from common.cli import apply_preset
 from common.feed import BatchFeed
+from common.schedule import LrSchedule
 from common.train import TrainRun
 from conftest import ROOT
 
@@ -105,7 +106,7 @@ def flags_sync(loss: torch.Tensor) -> dict:
         _t_saved=0.0,
         _saved_periodic=True,
         args=types.SimpleNamespace(ckpt_minutes=15.0),
-        _refit_due=lambda now: False,
+        schedule=LrSchedule(1.0, warmup=0, total=10),
     )
     return TrainRun._sync(run, loss)
 
@@ -207,7 +208,7 @@ def _stand_in():
         _t_saved=0.0,
         _saved_periodic=True,
         args=types.SimpleNamespace(ckpt_minutes=15.0),
-        _refit_due=lambda now: False,
+        schedule=LrSchedule(1.0, warmup=0, total=10),
     )
 
 
