@@ -152,8 +152,12 @@ def build_cuda_setting(env: Mapping[str, str] | None = None) -> str | None:
 
 def extension_kwargs(cuda: bool) -> dict:
     """Arguments of CUDAExtension (cuda=True) or CppExtension for `common._C`."""
-    cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+    # csrc/: the op schemas and module init (*.cpp), the CPU kernels (cpu/), the CUDA kernels
+    # (cuda/, only in a CUDA build); csrc/README.md has the table.
+    cpp = sorted(
+        glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp"))
+    )
+    cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     # -fopenmp: at::parallel_for is header-inline and only runs in parallel when the extension
     # itself is compiled with OpenMP (the symbols resolve to torch's own libgomp at load time).
     cxx = ["-O3", "-fopenmp", "-fdiagnostics-color=always"]

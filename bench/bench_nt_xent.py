@@ -9,7 +9,7 @@ nt_xent_loss passes them), backward to z. --shapes RxC: one rank of a multi-GPU 
 local rows against C gathered columns (rows and cols separate leaves, both get gradients; the
 local rows are columns 0..R-1's images). Loss = mean over the rows. Implementations: op (the
 fused op at its default path: fused kernels on the CPU, tiled on CUDA), tiled / fused (the op with
-its path forced: SSL_NT_XENT_PATH), eager (common.losses.nt_xent_reference: F.normalize, matmul, a boolean self mask,
+its path forced: SSL_NT_XENT_PATH), eager (common.nt_xent.nt_xent_reference: F.normalize, matmul, a boolean self mask,
 masked_fill, cross_entropy), lean (the leanest eager formulation: the same with the self
 logits set to -inf in place, no mask and no copy), compile (torch.compile of the reference).
 Per configuration it prints the

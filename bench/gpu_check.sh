@@ -16,7 +16,7 @@
 #   cuda_version nvcc's CUDA major version must equal torch.version.cuda's (else the build fails:
 #                said clearly, here, rather than as a compiler error)
 #   build        python setup.py build_ext --inplace, CUDA forced (SSL_BUILD_CUDA=1), sm_90
-#   test_cuda    the CUDA tests of tests/test_nt_xent_op.py (incl. the first-use check); on a
+#   test_cuda    the CUDA tests of tests/test_nt_xent_{op,check}.py (the first-use check); on a
 #                machine with a visible GPU a skipped CUDA test is a failure (39 skipped tests
 #                must not read as "rc=0")
 #   bench_*      the op benchmark, bf16 unless named: first the targets (2N = 16k and 64k, and
@@ -274,7 +274,7 @@ if (( ! DRY )); then
 fi
 step build 200 "$PY" setup.py build_ext --inplace
 
-TESTS=(tests/test_nt_xent_op.py -k cuda -q -rs -p no:cacheprovider)
+TESTS=(tests/test_nt_xent_op.py tests/test_nt_xent_check.py -k cuda -q -rs -p no:cacheprovider)
 DRY_CMD="$PY -m pytest ${TESTS[*]} --collect-only" step test_cuda 80 "$PY" -m pytest "${TESTS[@]}"
 if (( ! DRY )); then
   VERDICT=$(cuda_tests_verdict "$OUT/test_cuda.log" "$GPU_VISIBLE") || FAILED=1

@@ -3,15 +3,15 @@
     python bench/resource_table.py                 # nvcc -Xptxas -v for sm_80 and sm_90 (~2 min)
     python bench/resource_table.py --print-only    # print the table, leave RESULTS.md alone
 
-Compiles csrc/nt_xent_cuda.cu once for sm_80 and sm_90 with `-Xptxas -v` (the flags of the
+Compiles csrc/cuda/nt_xent_cuda.cu once for sm_80 and sm_90 with `-Xptxas -v` (the flags of the
 extension build), reads ptxas's per-kernel report (registers, spill stores / loads, static shared
 memory, stack) and computes the resident blocks of 128 threads per SM from the registers (64K per
 SM in 4 quadrants, allocated per warp in units of 256), the shared memory (164 / 228 KiB per SM
 on sm_80 / sm_90, plus 1 KiB reserved per block), 2,048 threads and 32 blocks per SM. The
 `promise` column is the kernel's __launch_bounds__ minimum blocks per SM. The table, with a hash
 of the kernel sources, replaces the block between the two resource-table markers in
-bench/RESULTS.md; tests/test_nt_xent_op.py fails when a hot kernel spills, holds fewer resident
-blocks than it promises, or when the sources changed since the table was written.
+bench/RESULTS.md; tests/test_nt_xent_resources.py fails when a hot kernel spills, holds fewer
+resident blocks than it promises, or when the sources changed since the table was written.
 """
 
 from __future__ import annotations
@@ -27,9 +27,13 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = [
-    "nt_xent_cuda.cu",
-    "nt_xent_kernels.cuh",
+SOURCES = [  # what the CUDA kernels are compiled from, relative to csrc/
+    "cuda/nt_xent_cuda.cu",
+    "cuda/fused_config.cuh",
+    "cuda/fused_tiles.cuh",
+    "cuda/fused_kernels.cuh",
+    "cuda/tiled_kernels.cuh",
+    "cuda/launch.cuh",
     "nt_xent_tile.h",
     "nt_xent_tiled.h",
     "nt_xent.h",
@@ -58,7 +62,7 @@ def resident_blocks(regs: int, smem: int, sm: int) -> int:
 
 
 def promise(name: str, k_min_blocks: int, bwd_min_blocks: int) -> int:
-    """__launch_bounds__ minimum blocks of a kernel (see nt_xent_kernels.cuh)."""
+    """__launch_bounds__ minimum blocks of a kernel (see csrc/cuda/fused_config.cuh)."""
     if name.startswith("fwd_kernel"):
         return k_min_blocks
     if name.startswith("bwd_kernel"):
@@ -112,8 +116,8 @@ def parse_ptxas(text: str) -> list[dict]:
 
 
 def min_blocks() -> tuple[int, int]:
-    """(kMinBlocks of the forward, what bwd_min_blocks() returns) from the kernel header."""
-    text = (ROOT / "csrc" / "nt_xent_kernels.cuh").read_text()
+    """(kMinBlocks of the forward, what bwd_min_blocks() returns) from the tile configuration."""
+    text = (ROOT / "csrc" / "cuda" / "fused_config.cuh").read_text()
     fwd = int(re.search(r"constexpr int kMinBlocks = (\d+);", text).group(1))
     bwd = re.search(r"constexpr int bwd_min_blocks\(\) \{\s*return (\w+);", text).group(1)
     return fwd, fwd if bwd == "kMinBlocks" else int(bwd)
@@ -129,7 +133,7 @@ def compile_ptxas(nvcc: str, archs: list[int]) -> str:
         cmd = [
             nvcc,
             "-c",
-            str(ROOT / "csrc" / "nt_xent_cuda.cu"),
+            str(ROOT / "csrc" / "cuda" / "nt_xent_cuda.cu"),
             "-o",
             str(Path(tmp) / "k.o"),
             "-std=c++20",

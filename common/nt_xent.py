@@ -11,8 +11,9 @@ official loss scale) is in simclr.py's loss section, which calls into this modul
   `auto` a missing op (common/nt_xent_op.py or its built extension absent, as in a script
   copied into another project) falls back to the reference with one warning. Before its first
   use on a device the op is compared with an fp64 reference in a child process with a timeout,
-  the verdict cached per machine (nt_xent_op.self_check); when it differs, or the child crashes
-  or hangs, `auto` warns once naming the cause and uses the reference, `ext` raises.
+  the verdict cached per machine (common/nt_xent_check.py, self_check); when it differs, or the
+  child crashes or hangs, `auto` warns once naming the cause and uses the reference, `ext`
+  raises.
   nt_xent_impl_used() names the implementation of the last call, for a run's result line.
 - `nt_xent_reference(...)`: the same contract in plain PyTorch, materialising R x C logits.
 """
@@ -113,10 +114,12 @@ def nt_xent_rows(
             _IMPL_USED = "ref (fallback: not built)"
             return nt_xent_reference(rows, cols, pos_idx, self_idx, temperature)
         if nt_xent_op.available(rows.device):
+            from common import nt_xent_check  # the first-use check (imports nt_xent_op)
+
             # first use on this device in this process: compare with the fp64 reference.
             # Fake tensors (tracing; tests on device 'cuda' without a GPU) hold no data and
             # may have no device behind them: the check waits for the first real call.
-            why = None if is_fake(rows) else nt_xent_op.self_check(rows.device, rows.shape[1])
+            why = None if is_fake(rows) else nt_xent_check.self_check(rows.device, rows.shape[1])
             if why is None:
                 _IMPL_USED = "ext"
                 return nt_xent_op.nt_xent_fused(rows, cols, pos_idx, self_idx, temperature)

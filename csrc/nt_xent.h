@@ -1,10 +1,58 @@
-// Host-side declarations shared by the CPU (nt_xent.cpp) and CUDA (nt_xent_cuda.cu) kernels of
-// the fused NT-Xent op: argument checks and the accumulation dtype rule.
+// Host-side declarations shared by every build of the NT-Xent op: the op schemas (define_ops,
+// the table in csrc/README.md), the column-split override behind the set_splits op, the
+// accumulation dtype rule and the argument checks of the CPU (cpu/nt_xent_cpu.cpp) and CUDA
+// (cuda/) kernels. The test-only emulator (tests/emu/) includes it too.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cstdint>
 
 namespace ssl_ops {
+
+// The column split of the fused CUDA kernels (cuda/launch.cuh, choose_split): n > 0 forces n
+// splits in every launch (clamped to the streamed tiles), 0 = the occupancy heuristic.
+inline int64_t& split_override() {
+  static int64_t v = 0;
+  return v;
+}
+
+// set_splits(n) -> the previous value: sets split_override(). A test hook (the first-use check,
+// common/nt_xent_check.py, forces 2 splits so that every block streams several tiles). Declared
+// in every build: without CUDA kernels nothing reads the value (the CPU kernels have no column
+// split), so it is a no-op there that still returns the previous value.
+inline int64_t set_splits(int64_t n) {
+  const int64_t old = split_override();
+  split_override() = n;
+  return old;
+}
+
+// The schemas of the ops, for TORCH_LIBRARY(ssl_ops) in nt_xent.cpp and the emulator's libraries.
+// Kernels: TORCH_LIBRARY_IMPL(ssl_ops, CPU) in cpu/nt_xent_cpu.cpp, (ssl_ops, CUDA) in
+// cuda/nt_xent_cuda.cu; fake kernels and autograd: common/nt_xent_op.py.
+inline void define_ops(torch::Library& m) {
+  // loss, lse, inv_r, inv_c = nt_xent_fwd(rows, cols, pos_idx, self_idx, T)
+  m.def(
+      "nt_xent_fwd(Tensor rows, Tensor cols, Tensor pos_idx, Tensor self_idx, float temperature)"
+      " -> (Tensor, Tensor, Tensor, Tensor)");
+  // grad_rows, grad_cols = nt_xent_bwd(grad_loss, rows, cols, pos_idx, self_idx, lse, inv_r,
+  //                                    inv_c, T, need_rows, need_cols)
+  // A gradient that is not needed is returned as an empty [0, d] tensor and its pass skipped.
+  m.def(
+      "nt_xent_bwd(Tensor grad_loss, Tensor rows, Tensor cols, Tensor pos_idx, Tensor self_idx,"
+      " Tensor lse, Tensor inv_r, Tensor inv_c, float temperature, bool need_rows=True,"
+      " bool need_cols=True) -> (Tensor, Tensor)");
+  // The tiled path (nt_xent_tiled.h): the same contract, columns in chunks of `chunk`.
+  m.def(
+      "nt_xent_tiled_fwd(Tensor rows, Tensor cols, Tensor pos_idx, Tensor self_idx,"
+      " float temperature, int chunk) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "nt_xent_tiled_bwd(Tensor grad_loss, Tensor rows, Tensor cols, Tensor pos_idx,"
+      " Tensor self_idx, Tensor lse, Tensor inv_r, Tensor inv_c, float temperature, int chunk,"
+      " bool need_rows=True, bool need_cols=True) -> (Tensor, Tensor)");
+  m.def("set_splits(int n) -> int", &set_splits);
+}
 
 // fp32 accumulation for fp32/bf16/fp16 inputs, fp64 for fp64 (gradcheck).
 inline at::ScalarType acc_type_of(at::ScalarType t) {

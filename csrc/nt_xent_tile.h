@@ -1,9 +1,9 @@
-// Tile math of the fused NT-Xent op, shared by the CPU kernels (nt_xent.cpp) and the CUDA
-// kernels (nt_xent_cuda.cu). Everything here is scalar, branch-light and __host__ __device__,
+// Tile math of the NT-Xent op, shared by the CPU kernels (cpu/nt_xent_cpu.cpp) and the CUDA
+// kernels (cuda/). Everything here is scalar, branch-light and __host__ __device__,
 // so the CPU tests exercise exactly the formulas the GPU runs; only the tile products (BLAS on
 // the CPU, tensor cores on the GPU) and the reductions (loops vs warp shuffles) differ.
 //
-// Notation (see common/losses.py for the contract):
+// Notation (see common/nt_xent.py, nt_xent_reference, for the contract):
 //   rows [R, d] anchors, cols [C, d] candidates, T temperature.
 //   inv_r[i] = 1 / max(||rows_i||, eps), inv_c[j] likewise (eps = 1e-12 as in F.normalize).
 //   logit_ij = (rows_i . cols_j) * inv_r[i] * inv_c[j] / T   (never rounded to the input dtype)

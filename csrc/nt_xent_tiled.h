@@ -2,9 +2,10 @@
 // CPU BLAS on the CPU), whose throughput is known, and a per-device elementwise kernel does the
 // part no library does (scale, self mask, positive pick, online log-sum-exp; softmax - onehot).
 // One host algorithm for every device, parameterised by the elementwise kernels `EW`:
-//   CPU  : nt_xent.cpp (loops over rows, at::parallel_for), registered as the CPU kernel of
-//          ssl_ops::nt_xent_tiled_fwd / _bwd: a second CPU implementation next to the fused one;
-//   CUDA : nt_xent_kernels.cuh (one warp per row), also compiled into the CPU emulator.
+//   CPU  : cpu/nt_xent_cpu.cpp (loops over rows, at::parallel_for), registered as the CPU kernel
+//          of ssl_ops::nt_xent_tiled_fwd / _bwd: a second CPU implementation next to the fused one;
+//   CUDA : cuda/tiled_kernels.cuh (one warp per row), launched by cuda/launch.cuh's TiledEW, also
+//          compiled into the CPU emulator.
 //
 // Columns are processed in chunks of `chunk` columns (the caller sizes them under a memory
 // budget, common/nt_xent_op.py), so memory is O((R + C) d + R chunk), never R x C:

@@ -1,7 +1,7 @@
 """NT-Xent across two processes (gloo) equals NT-Xent in one process with all rows.
 
 Each rank holds its own slice of the projections (rank-asymmetric: different scales and
-contents), calls common.losses.nt_xent_loss, which all-gathers the columns with
+contents), calls simclr.nt_xent_loss, which all-gathers the columns with
 common.dist.all_gather_with_grad, and backpropagates its own mean loss. With the single-process
 loss L = mean over all 2N anchors and rank r's loss L_r = mean over its 2n anchors:
     mean_r L_r == L
@@ -16,23 +16,16 @@ fallback (all_gather / all_reduce + slice) kept for backends that lack them.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from common import nt_xent_op as op
+from dist_utils import run_distributed
 from simclr import nt_xent_loss
 
 WORLD, N, D, T = 2, 6, 10, 0.2  # n = 6 images per rank, 12 local anchors, 24 columns
 MODES = ("tensor", "list")  # gather paths of common.dist._AllGatherWithGrad
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,46 +38,34 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
     return z1, z2
 
 
-def _worker(rank: int, port: int, impls: list[str], out_dir: str) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
-    from common import dist as Dd
+def _worker(rank: int, world: int, impls: list[str]) -> dict:
+    """One rank (dist_utils.run_distributed: a gloo process group is up)."""
+    from common import dist
 
-    Dd.init_distributed("cpu", timeout_s=120)
-    try:
-        z1, z2 = _data()
-        sl = slice(rank * N, (rank + 1) * N)
-        results = {}
-        for mode in MODES:
-            Dd._NO_TENSOR_COLLECTIVES.clear()
-            if mode == "list":  # as if the backend lacked the tensor collectives
-                Dd._NO_TENSOR_COLLECTIVES.add(str(Dd.dist.get_backend()))
-            for impl in impls:
-                os.environ["SSL_NT_XENT"] = impl
-                a = z1[sl].clone().requires_grad_()
-                b = z2[sl].clone().requires_grad_()
-                loss = nt_xent_loss(a, b, T)
-                loss.backward()
-                results[impl, mode] = (loss.detach(), a.grad, b.grad)
-            # gloo of the torch this runs on has both tensor collectives: no silent fallback
-            results["fell_back", mode] = sorted(Dd._NO_TENSOR_COLLECTIVES)
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        Dd.cleanup()
+    z1, z2 = _data()
+    sl = slice(rank * N, (rank + 1) * N)
+    results = {}
+    for mode in MODES:
+        dist._NO_TENSOR_COLLECTIVES.clear()
+        if mode == "list":  # as if the backend lacked the tensor collectives
+            dist._NO_TENSOR_COLLECTIVES.add(str(dist.dist.get_backend()))
+        for impl in impls:
+            os.environ["SSL_NT_XENT"] = impl
+            a = z1[sl].clone().requires_grad_()
+            b = z2[sl].clone().requires_grad_()
+            loss = nt_xent_loss(a, b, T)
+            loss.backward()
+            results[impl, mode] = (loss.detach(), a.grad, b.grad)
+        # gloo of the torch this runs on has both tensor collectives: no silent fallback
+        results["fell_back", mode] = sorted(dist._NO_TENSOR_COLLECTIVES)
+    return results
 
 
 @pytest.fixture(scope="module")
 def dist_results(tmp_path_factory) -> dict:
     impls = ["ref"] + (["ext"] if op.available("cpu") else [])
     out = tmp_path_factory.mktemp("ntx_dist")
-    mp.spawn(_worker, args=(_free_port(), impls, str(out)), nprocs=WORLD, join=True)
-    return {r: torch.load(out / f"rank{r}.pt") for r in range(WORLD)}
+    return dict(enumerate(run_distributed(_worker, WORLD, out, impls=impls)))
 
 
 def _single_process(impl: str, monkeypatch) -> tuple[torch.Tensor, ...]:

@@ -1,6 +1,14 @@
-// CUDA kernels of the fused NT-Xent op (schemas and CPU kernels: nt_xent.cpp).
+// CUDA kernels of the NT-Xent op, registered as TORCH_LIBRARY_IMPL(ssl_ops, CUDA) (schemas:
+// nt_xent.h's define_ops; CPU kernels: cpu/nt_xent_cpu.cpp). Only CUDA builds compile this file.
+// It defines the launch macros for nvcc and includes the kernels and their launch code:
+//   fused_config.cuh  tile sizes, resident-block promises, shared-memory layout
+//   fused_tiles.cuh   block-level building blocks (staging loads, dot-product tile, G @ tile)
+//   fused_kernels.cuh the fused kernels below
+//   tiled_kernels.cuh the tiled path's two elementwise kernels
+//   launch.cuh        the host-side launchers of both paths (also compiled into the emulator)
 //
-// Same algorithm as the CPU path, flash-attention style, never an R x C buffer:
+// The fused path: same algorithm as the CPU kernels, flash-attention style, never an R x C
+// buffer:
 //   inv_norm_kernel : inv[i] = 1 / max(||x_i||, eps), one warp per row.
 //   fwd_kernel      : grid (row blocks of BR anchors, column splits). Each block streams the
 //                     column tiles of its split (flash-decoding: the grid fills the GPU even when
@@ -21,8 +29,8 @@
 //   finalize_kernel : sums the splits' partials in split order, scales, and applies the Jacobian
 //                     of x / max(||x||, eps). Deterministic, no atomics.
 // All launches go to the current stream; all offsets are 64-bit, gridDim.y (splits) <= 65,535.
-// The kernels and their launch code live in nt_xent_kernels.cuh, shared with the CPU emulator
-// csrc/emu/nt_xent_emu.cpp that the tests use to check this code path where no GPU is available.
+// The kernels and their launch code live in the headers above, shared with the test-only CPU
+// emulator (tests/emu/nt_xent_emu.cpp) that checks this code path where no GPU is available.
 //
 // Logits are pre-scaled by log2(e) / T (folded into the per-column factor), so every softmax
 // term is one exp2f; lse and the positive logit leave the kernels in natural-log units.
@@ -75,7 +83,7 @@ int ntx_resident_blocks(K* kernel) {
 }
 #define NTX_RESIDENT_BLOCKS(kernel) ntx_resident_blocks(kernel)
 
-#include "nt_xent_kernels.cuh"
+#include "launch.cuh"
 
 namespace ssl_ops {
 
@@ -97,18 +105,6 @@ std::tuple<Tensor, Tensor> nt_xent_bwd_cuda(const Tensor& grad_loss, const Tenso
   const c10::cuda::CUDAGuard guard(rows.device());
   return cuda_impl::nt_xent_bwd_impl(grad_loss, rows, cols, pos_idx, self_idx, lse, inv_r, inv_c,
                                      temperature, need_rows, need_cols);
-}
-
-// Test hook of the first-use check (common/nt_xent_op.py): n > 0 forces n column splits in every
-// launch (clamped to the tiles), 0 restores the heuristic; returns the previous value.
-int64_t set_splits(int64_t n) {
-  const int64_t old = cuda_impl::split_override();
-  cuda_impl::split_override() = n;
-  return old;
-}
-
-TORCH_LIBRARY_FRAGMENT(ssl_ops, m) {
-  m.def("set_splits(int n) -> int", &set_splits);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> nt_xent_tiled_fwd_cuda(
