@@ -27,9 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common.augment import AugConfig, BatchAugment  # noqa: E402
 from common.backbones import build_backbone  # noqa: E402
 from common.data import load_split  # noqa: E402
-from simclr import nt_xent_loss  # noqa: E402
 from common_bench import torchvision_loader  # noqa: E402
-from simclr import LARS, SimCLR, param_groups  # noqa: E402
+from simclr import LARS, SimCLR, nt_xent_loss, param_groups  # noqa: E402
 
 
 def make_step(model, opt, device):
