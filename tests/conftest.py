@@ -181,3 +181,21 @@ def run_script(*argv) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, *map(str, argv)]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+
+
+def bookkeeping_run(args, out, steps_per_epoch: int):
+    """A TrainRun on a 1-parameter model (no data, no network): the loop's bookkeeping only
+    (test_schedule.py's time budget, test_train.py's checkpoint cadence)."""
+    from common.train import TrainRun
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    return TrainRun(
+        args,
+        out,
+        "simclr",
+        backbone=torch.nn.Linear(1, 1),
+        head=None,
+        optimizer=opt,
+        steps_per_epoch=steps_per_epoch,
+        peak_lr=1.0,
+    )

@@ -15,6 +15,7 @@ from common.checkpoint import load_checkpoint
 from common.cli import apply_preset
 from common.schedule import BUDGET_PROBE, BUDGET_WARM, LrSchedule, lr_at
 from common.train import TrainRun
+from conftest import bookkeeping_run
 
 
 # ------------------------------------------------------------------------------ the curve
@@ -79,24 +80,13 @@ class FakeClock:
 
 
 def budget_run(tmp_path, budget_min, resume=False, **over) -> TrainRun:
-    """A TrainRun on a 1-parameter model (no data, no network): the loop's bookkeeping only."""
+    """A --time-budget TrainRun (conftest.bookkeeping_run)."""
     args = simclr.get_args_parser().parse_args(["--preset", "tiny", "--out", str(tmp_path)])
     args = apply_preset(args, simclr.PRESETS)
     args.device, args.time_budget, args.log_every = "cpu", budget_min, 10**9
     args.epochs, args.warmup_epochs = 1000, 2
     vars(args).update(over)
-    w = torch.nn.Parameter(torch.ones(1))
-    opt = torch.optim.SGD([w], lr=0.1)
-    return TrainRun(
-        args,
-        tmp_path,
-        "simclr",
-        backbone=torch.nn.Linear(1, 1),
-        head=None,
-        optimizer=opt,
-        steps_per_epoch=8,
-        peak_lr=1.0,
-    )
+    return bookkeeping_run(args, tmp_path, steps_per_epoch=8)
 
 
 def drive(run: TrainRun, clock: FakeClock, step_time, max_steps=10**6) -> list[float]:

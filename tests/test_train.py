@@ -11,6 +11,7 @@ import simclr
 from common import train
 from common.cli import apply_preset
 from common.train import Logger, compile_model
+from conftest import bookkeeping_run
 
 
 # ------------------------------------------------ checkpoint cadence, on an injected clock
@@ -24,17 +25,7 @@ def _cadence(tmp_path, monkeypatch, steps_per_epoch, step_s, steps, *argv):
     args = simclr.get_args_parser().parse_args(["--out", str(tmp_path), *argv])
     args = apply_preset(args, simclr.PRESETS)
     args.device, args.epochs, args.log_every = "cpu", 10**6, 10**9
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
-    run = train.TrainRun(
-        args,
-        tmp_path,
-        "simclr",
-        backbone=torch.nn.Linear(1, 1),
-        head=None,
-        optimizer=opt,
-        steps_per_epoch=steps_per_epoch,
-        peak_lr=1.0,
-    )
+    run = bookkeeping_run(args, tmp_path, steps_per_epoch)
     for _ in range(steps):
         t[0] += step_s
         run.step_done(torch.tensor(1.0))
