@@ -11,11 +11,15 @@ It covers fp32, bf16 and fp16 at d = 128, at d = 37 (not a multiple of 8: the sc
 at the caller's d when its code path differs, on R = 400, C = 450 with the CUDA column split
 forced to 2: every block of both backward passes streams 3-4 tiles (cross-tile max rescaling,
 multi-tile accumulation, staging-buffer reuse) and both dimensions end in a partial tile. The
-verdict is cached per machine (device name, driver and CUDA versions, torch version, the path in
-use, a hash of the built extension) in $SSL_CACHE_DIR/nt_xent_check/ (default
+verdict is cached per machine (host name, device name, driver and CUDA versions, torch version,
+the path in use, a hash of the built extension) in $SSL_CACHE_DIR/nt_xent_check/ (default
 ~/.cache/ssl-reference), so it costs a few seconds once per machine, not per process or rank;
 concurrent processes (torchrun's ranks on a node) take a file lock, so one runs the check and
-the others wait for its verdict. Delete that directory (or set SSL_NT_XENT_RECHECK=1) to check
+the others wait for its verdict, at most the check's timeout plus LOCK_WAIT_EXTRA_S. Only a
+verdict the child reached by comparing is cached: a crash or a hang may be the machine's passing
+trouble and is checked again by the next process. A cache that cannot be used (an unwritable
+or unset home, no file locks, a lock held too long) makes the check run uncached, with one
+warning: it never stops a run. Delete that directory (or set SSL_NT_XENT_RECHECK=1) to check
 again. Test hooks: SSL_NT_XENT_CHECK_HOOK=abort|hang|wrong, read by the child only.
 
 It imports the op module only, not common.nt_xent (the check has its own fp64 reference below),
@@ -31,10 +35,12 @@ import json
 import os
 import platform
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -55,6 +61,10 @@ _CHECK_TOL = {
 _CHECK_R, _CHECK_C, _CHECK_SPLITS = 400, 450, 2
 _CHECK_DS = (128, 37)  # the training width (16-byte vector loads) and a d not a multiple of 8
 CHECK_TIMEOUT_S = 60.0
+# A process waiting for another's verdict waits at most the check's timeout plus this (the
+# holder's start-up and the kill of a hung child), then checks on its own, uncached.
+LOCK_WAIT_EXTRA_S = 60.0
+KILL_WAIT_S = 10.0  # after SIGKILL, how long to wait for the child to be reaped
 # in-process memo: verdict key -> None (passed) or why not
 _SELF_CHECK: dict[str, str | None] = {}
 _VERDICT_PREFIX = "NTX_CHECK_VERDICT "
@@ -168,6 +178,7 @@ def machine_key(device: torch.device | str) -> dict[str, str]:
     if _EXT_SHA is None:
         _EXT_SHA = _file_sha(op._EXT_FILE)
     key = {"device": dev.type, "torch": torch.__version__, "ext": _EXT_SHA}
+    key["host"] = socket.gethostname()  # a shared cache: one node's verdict is not another's
     key["path"] = op.path_for(dev)  # the check runs the implementation this process will use
     if dev.type == "cuda":
         idx = dev.index if dev.index is not None else torch.cuda.current_device()
@@ -194,9 +205,11 @@ def _timeout_s() -> float:
     return float(os.environ.get("SSL_NT_XENT_CHECK_TIMEOUT", CHECK_TIMEOUT_S))
 
 
-def _run_child(device: torch.device, ds: list[int], timeout: float) -> str | None:
-    """Runs the check in a fresh process; None, or why the op must not be used. The child has its
-    own session, so a hang is ended by killing its whole process group."""
+def _run_child(device: torch.device, ds: list[int], timeout: float) -> tuple[str | None, bool]:
+    """Runs the check in a fresh process: (None, or why the op must not be used; whether the
+    child ran and compared, i.e. reported a verdict). A crash or a hang is no comparison: it may
+    be the machine's passing trouble, so it is not cached. The child has its own session, so a
+    hang is ended by killing its whole process group; the reaping wait is bounded too."""
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]); "
         "from common.nt_xent_check import _child_main; sys.exit(_child_main(sys.argv[2:]))"
@@ -210,16 +223,17 @@ def _run_child(device: torch.device, ds: list[int], timeout: float) -> str | Non
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        return f"the check process hung: no verdict within {timeout:g} s"
+        with contextlib.suppress(subprocess.TimeoutExpired):  # (stuck in the driver: let it be)
+            proc.communicate(timeout=KILL_WAIT_S)
+        return f"the check process hung: no verdict within {timeout:g} s", False
     for line in reversed(out.splitlines()):
         if line.startswith(_VERDICT_PREFIX):
-            return json.loads(line[len(_VERDICT_PREFIX) :])["why"]
+            return json.loads(line[len(_VERDICT_PREFIX) :])["why"], True
     if proc.returncode < 0:
         with contextlib.suppress(ValueError):
             cause = signal.Signals(-proc.returncode).name
-            return f"the check process crashed ({cause}): {_last_line(err)}"
-    return f"the check process failed (exit code {proc.returncode}): {_last_line(err)}"
+            return f"the check process crashed ({cause}): {_last_line(err)}", False
+    return f"the check process failed (exit code {proc.returncode}): {_last_line(err)}", False
 
 
 def _last_line(text: str) -> str:
@@ -229,23 +243,72 @@ def _last_line(text: str) -> str:
 
 def _verdict(device: torch.device, d: int) -> str | None:
     """The cached verdict for this machine and d, or the check's (run once, under a file lock:
-    concurrent processes wait for the first one's verdict instead of running their own)."""
+    concurrent processes wait for the first one's verdict instead of running their own). The
+    cache may fail in any way (an unwritable or unset home, a filesystem without locks, a lock
+    held too long): the check then runs uncached, with one warning, and training goes on."""
     ds = _check_ds(d)
     key = {**machine_key(device), "ds": ds}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    cache = _cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    path = cache / f"{digest}.json"
-    with open(cache / f"{digest}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+    timeout = _timeout_s()
+    try:
+        cache = _cache_dir()
+        cache.mkdir(parents=True, exist_ok=True)
+        lock = open(cache / f"{digest}.lock", "w")  # (closing it, below, unlocks)
+    except OSError as e:
+        return _uncached(device, ds, timeout, f"cannot use its cache: {_why(e)}")
+    with lock:
+        try:
+            locked = _lock_within(lock, timeout + LOCK_WAIT_EXTRA_S)
+        except OSError as e:  # (no flock on this filesystem)
+            return _uncached(device, ds, timeout, f"cannot lock its cache: {_why(e)}")
+        if not locked:
+            why = f"another process held its cache lock for over {timeout + LOCK_WAIT_EXTRA_S:g} s"
+            return _uncached(device, ds, timeout, why)
+        path = cache / f"{digest}.json"
         if path.exists() and os.environ.get("SSL_NT_XENT_RECHECK", "0") != "1":
             with contextlib.suppress(OSError, ValueError, KeyError):
                 return json.loads(path.read_text())["why"]
-        why = _run_child(device, ds, _timeout_s())
-        tmp = path.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
-        tmp.write_text(json.dumps({"why": why, "key": key, "time": time.time()}))
-        os.replace(tmp, path)
+        why, compared = _run_child(device, ds, timeout)
+        if compared:  # only a verdict that ran and compared stands for the machine
+            tmp = path.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
+            try:
+                tmp.write_text(json.dumps({"why": why, "key": key, "time": time.time()}))
+                os.replace(tmp, path)
+            except OSError as e:
+                _warn_cache(f"cannot write its cache: {_why(e)}")
         return why
+
+
+def _lock_within(lock, seconds: float) -> bool:
+    """flock(lock), polling, for at most `seconds`: True once held (released when it is closed)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
+
+def _why(e: OSError) -> str:
+    return f"{e.filename or ''}: {e.strerror or e}".lstrip(": ")
+
+
+_CACHE_WARNED = False
+
+
+def _warn_cache(why: str) -> None:
+    global _CACHE_WARNED
+    if not _CACHE_WARNED:
+        _CACHE_WARNED = True
+        warnings.warn(f"NT-Xent first-use check: {why}; checking without the cache", stacklevel=4)
+
+
+def _uncached(device: torch.device, ds: list[int], timeout: float, why: str) -> str | None:
+    _warn_cache(why)
+    return _run_child(device, ds, timeout)[0]
 
 
 def _device_key(device: torch.device | str) -> str:

@@ -6,6 +6,14 @@ healthy (auto falls back with a warning naming the cause, ext raises).
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import socket
+import subprocess
+import threading
+import warnings
+from pathlib import Path
+
 import pytest
 import torch
 from nt_xent_cases import _small_inputs, needs_cuda, needs_ext
@@ -52,7 +60,7 @@ def test_one_process_runs_the_check_the_others_wait(monkeypatch, tmp_path):
     def slow_child(device, ds, timeout):
         calls.append(ds)
         threading.Event().wait(0.5)  # overlap with the other callers
-        return "verdict of the one run"
+        return "verdict of the one run", True  # (ran and compared)
 
     monkeypatch.setattr(check, "_run_child", slow_child)
     out: list = []
@@ -93,8 +101,11 @@ def test_first_use_check_failure_keeps_the_parent_healthy(monkeypatch, tmp_path,
     assert torch.equal(out, nt_xent_reference(rows, cols, pos, self_idx, 0.1))
     assert nt_xent.nt_xent_impl_used() == "ref (fallback: self-check failed)"
     monkeypatch.setenv("SSL_NT_XENT", "ext")
-    monkeypatch.setattr(check, "_SELF_CHECK", {})  # a new process: the verdict comes from disk
-    monkeypatch.setattr(check, "_run_child", lambda *a: pytest.fail("verdict not cached"))
+    monkeypatch.setattr(check, "_SELF_CHECK", {})  # a new process on the same machine:
+    if hook == "wrong":  # a verdict that compared is on disk and stands
+        monkeypatch.setattr(check, "_run_child", lambda *a: pytest.fail("verdict not cached"))
+    else:  # a crash or a hang is no verdict: nothing on disk, the next process checks again
+        assert not list((tmp_path / "nt_xent_check").glob("*.json"))
     with pytest.raises(RuntimeError, match="self-check"):
         nt_xent.nt_xent_rows(rows, cols, pos, self_idx, 0.1)
     # the parent is healthy: the op runs here and agrees with the reference
@@ -133,3 +144,98 @@ def test_check_compares_both_gradients_and_every_dtype(monkeypatch):
 @pytest.mark.parametrize("d", [64, 128, 256, 320])
 def test_cuda_self_check_passes(d):
     assert check.self_check("cuda", d) is None
+
+
+# ------------------------------------------- a first run that cannot crash or hang on the cache
+def _passing_child(calls):
+    def child(device, ds, timeout):
+        calls.append(ds)
+        return None, True
+
+    return child
+
+
+@pytest.mark.parametrize("where", ["a file", "/proc/sys"])
+def test_an_unusable_cache_folder_checks_uncached_with_one_warning(monkeypatch, tmp_path, where):
+    """$SSL_CACHE_DIR (or the home it defaults to) under a file, or read-only: the check runs
+    without its cache and warns once; nothing raises out of the loss."""
+    base = tmp_path / "f" if where == "a file" else Path("/proc/sys/ssl-cache")
+    if where == "a file":
+        base.write_text("not a folder")
+    monkeypatch.setenv("SSL_CACHE_DIR", str(base))
+    monkeypatch.setattr(check, "_CACHE_WARNED", False)
+    calls = []
+    monkeypatch.setattr(check, "_run_child", _passing_child(calls))
+    with pytest.warns(UserWarning, match="cannot use its cache.*checking without the cache"):
+        assert check._verdict(torch.device("cpu"), 128) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once
+        assert check._verdict(torch.device("cpu"), 128) is None
+    assert len(calls) == 2  # uncached: each process (here: each call) checks for itself
+
+
+def test_a_filesystem_without_locks_checks_uncached(monkeypatch, tmp_path):
+    monkeypatch.setenv("SSL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(check, "_CACHE_WARNED", False)
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(check.fcntl, "flock", no_locks)
+    calls = []
+    monkeypatch.setattr(check, "_run_child", _passing_child(calls))
+    with pytest.warns(UserWarning, match="cannot lock its cache: No locks available"):
+        assert check._verdict(torch.device("cpu"), 128) is None
+    assert calls
+
+
+def test_a_lock_held_too_long_is_waited_for_a_bounded_time(monkeypatch, tmp_path):
+    """A process stuck in the driver holds the lock: the others wait at most the check's
+    timeout plus LOCK_WAIT_EXTRA_S, then check on their own (no frozen ranks)."""
+    monkeypatch.setenv("SSL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("SSL_NT_XENT_CHECK_TIMEOUT", "0.2")
+    monkeypatch.setattr(check, "LOCK_WAIT_EXTRA_S", 0.3)
+    monkeypatch.setattr(check, "_CACHE_WARNED", False)
+    calls = []
+    monkeypatch.setattr(check, "_run_child", _passing_child(calls))
+    check._verdict(torch.device("cpu"), 128)  # creates the lock file
+    (lock,) = (tmp_path / "nt_xent_check").glob("*.lock")
+    for f in (tmp_path / "nt_xent_check").glob("*.json"):
+        f.unlink()  # no verdict yet: a waiter would wait for the holder's
+    holder = open(lock, "w")
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    result: list = []
+    waiter = threading.Thread(
+        target=lambda: result.append(check._verdict(torch.device("cpu"), 128))
+    )
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            waiter.start()
+            waiter.join(timeout=60)  # a bound on a hang, not a timing
+        assert not waiter.is_alive() and result == [None]
+        assert any("held its cache lock" in str(w.message) for w in caught)
+    finally:
+        holder.close()
+
+
+def test_the_verdict_key_names_the_host():
+    """A cache shared by several nodes (a home on NFS): one node's verdict is not another's."""
+    assert check.machine_key("cpu")["host"] == socket.gethostname()
+
+
+def test_a_hung_child_is_killed_and_reaped_within_a_bound(monkeypatch):
+    """The child hangs past the timeout: it is killed, and the wait to reap it is bounded too
+    (a process stuck in the driver may not die at once)."""
+    monkeypatch.setenv("SSL_NT_XENT_CHECK_HOOK", "hang")
+    waits = []
+    real = subprocess.Popen.communicate
+
+    def communicate(self, input=None, timeout=None):
+        waits.append(timeout)
+        return real(self, input, timeout)
+
+    monkeypatch.setattr(subprocess.Popen, "communicate", communicate)
+    why, compared = check._run_child(torch.device("cpu"), [37], timeout=3.0)
+    assert "hung" in why and not compared
+    assert waits[0] == 3.0 and waits[1] is not None  # every wait has a bound
