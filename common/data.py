@@ -22,7 +22,9 @@ a corrupt file) stops the run with its name. File and folder names need not be U
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
 import io
 import json
@@ -31,6 +33,7 @@ import shutil
 import sys
 import tarfile
 import tempfile
+import time
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -133,8 +136,8 @@ def load_split(
         download = Path(path) == Path(DEFAULT_DATA)
     if split not in SPLIT_DIRS:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if download:  # every rank calls this: one per node fetches what is missing, others wait
-        download_once(lambda: _fetch_cifar(Path(path)))
+    if download:  # every rank calls this: one fetches what is missing, the others wait
+        download_once(lambda: _fetch_cifar(Path(path)), Path(path))
     kind = detect(path)
     if kind == "missing":
         p = Path(path)
@@ -265,24 +268,43 @@ def _fetch_cifar(root: Path) -> None:
         ) from e
 
 
-def download_once(fetch: Callable[[], object]) -> None:
-    """Run fetch() (a download into the data folder) in one process per node: under torchrun,
-    LOCAL_RANK 0 fetches and every other rank waits at a barrier, so that eight processes do
-    not download and unpack into the same folder at once. A failed fetch is raised on the
-    rank that ran it after the barrier; the others then fail to find the data, so every rank
-    stops with a DataError instead of waiting for a rank that died (the barrier's timeout is
-    --dist-timeout, 600 s by default: enough for CIFAR's 170 MB on a slow link)."""
-    from common import dist
-
-    error: BaseException | None = None
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+def download_once(fetch: Callable[[], object], root: Path) -> None:
+    """Run fetch() (a download into `root`) one process at a time, so that torchrun's processes
+    do not download and unpack into one folder at once: each takes an flock on a lock file for
+    `root` (below); the first to hold it downloads, the others find the data and only verify it.
+    They wait on the lock file, not at a collective, so a slow download trips no collective
+    timeout, and a process that dies releases the lock (the kernel does). A failed download is
+    noted beside the lock: the processes that waited for it fail with its error instead of each
+    trying again. The lock lives in the cache folder (per node), not in the data's parent. Where
+    no lock can be had (an unwritable cache, no flock) each process fetches alone."""
+    name = hashlib.sha1(os.fsencode(root.absolute())).hexdigest()[:16]
+    lock, failed = (default_cache_dir() / "downloads" / f"{name}{x}" for x in (".lock", ".failed"))
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return fetch()
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another process is downloading: wait for it
+            since = time.time()
+            print(f"waiting for another process's download into {root}", file=sys.stderr)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            with contextlib.suppress(OSError):
+                if failed.stat().st_mtime >= since:
+                    raise DataError(failed.read_text()) from None
+        except OSError:
+            pass  # no locks on this filesystem
         try:
             fetch()
-        except Exception as e:  # raised below, after the others were released
-            error = e
-    dist.barrier()
-    if error is not None:
-        raise error
+        except DataError as e:
+            with contextlib.suppress(OSError):
+                failed.write_text(str(e))
+            raise
+        failed.unlink(missing_ok=True)
+    finally:
+        os.close(fd)  # (releases the lock)
 
 
 # ------------------------------------------------------------------- ImageFolder and tarballs

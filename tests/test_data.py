@@ -152,3 +152,35 @@ def test_unwritable_cache_is_one_clear_error(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(DataError, match="cannot write the decoded-image cache .*SSL_CACHE_DIR"):
         load_split(root, "train", cache_dir=tmp_path / "file" / "cache")
+
+
+def _download_with_a_slow_first(rank, world, root):
+    """Both ranks call download_once; whichever holds the lock first downloads for 6 s, longer
+    than the process group's 3 s collective timeout, and the other must wait it out."""
+    import time
+
+    from common import dist
+    from common.data import download_once
+
+    marker = Path(root) / "cifar.bin"
+
+    def fetch():
+        if not marker.exists():  # (a real fetch only verifies what is there)
+            time.sleep(6)
+            marker.parent.mkdir(exist_ok=True)
+            marker.write_text(f"downloaded by rank {rank}")
+
+    download_once(fetch, Path(root))
+    dist.barrier()  # the group is healthy after the wait
+    return marker.read_text()
+
+
+def test_a_slow_download_trips_no_collective_timeout(tmp_path):
+    """torchrun's other ranks wait for the download on a lock file, not at a barrier with
+    --dist-timeout: a download longer than the timeout ends with every rank holding the data."""
+    from dist_utils import run_distributed
+
+    got = run_distributed(
+        _download_with_a_slow_first, 2, tmp_path, timeout_s=3, root=str(tmp_path / "data")
+    )
+    assert got[0] == got[1] and got[0].startswith("downloaded by rank ")
